@@ -43,6 +43,24 @@ class RandomState:
         self.generator.manual_seed(self.seed)
 
 
+class Seeded:
+    """Mixin for a method whose only state is its :class:`RandomState`, ``self._rng``."""
+
+    _rng: RandomState
+
+    def state_dict(self) -> dict[str, Any]:
+        """The generator's state (see :meth:`RandomState.state_dict`)."""
+        return self._rng.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the generator's state saved by :meth:`state_dict`."""
+        self._rng.load_state_dict(state_dict)
+
+    def reset(self) -> None:
+        """Re-seed the generator with its initial seed."""
+        self._rng.reset()
+
+
 def check_state_keys(state_dict: dict[str, Any], expected: set[str], owner: str) -> None:
     """Raise a ``KeyError`` naming the missing and unexpected keys of a state dict (strict load)."""
     keys = set(state_dict)

@@ -1,0 +1,168 @@
+"""CAGrad: conflict-averse gradient descent (Liu et al., NeurIPS 2021)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import quadprog
+import torch
+from torch import Tensor
+
+from jdoptim.aggregation._bases import GramianWeightedAggregator, Weighting, check_gramian
+from jdoptim.linalg._dual_cone import _nnls, _range_factor
+
+
+def _project(b: np.ndarray, y0: np.ndarray, t: float) -> tuple[np.ndarray, float] | None:
+    """Multipliers ``μ >= 0`` and distance of ``argmin {‖y - y0‖ : B y >= t}`` (``None``: empty)."""
+    if np.all(b @ y0 >= t):
+        return np.zeros(b.shape[0]), 0.0
+    try:
+        mu = quadprog.solve_qp(np.eye(b.shape[1]), y0, b.T, np.full(b.shape[0], t))[4]
+    except ValueError:
+        if t != 0.0:
+            return None  # quadprog: "constraints are inconsistent"
+        # {B y >= 0} holds 0 and is never empty: only a degenerate vertex fails (rows g and -g).
+        # Its dual is the NNLS min_{μ >= 0} ‖Bᵀμ + y0‖, which has no such failure.
+        mu = _nnls(b.T, -y0)
+    return mu, float(np.linalg.norm(b.T @ mu))
+
+
+def _cagrad_weights(g: np.ndarray, c: float, norm_eps: float, eps: float) -> np.ndarray:
+    """CAGrad's weights for a float64 Gramian ``g`` whose largest diagonal entry is 1."""
+    m = g.shape[0]
+    p = np.full(m, 1.0 / m)
+    b = _range_factor(g, eps)  # rows of J in an orthonormal basis of their span
+    y0 = b.T @ p  # g_0
+    rho = c * float(np.linalg.norm(y0))  # the radius c ‖g_0‖
+    if b.shape[1] == 0 or rho <= c * norm_eps:  # ‖g_0‖ <= norm_eps · max_i ‖g_i‖ (= 1)
+        return p
+    alignments = b @ y0
+    row_norms = np.linalg.norm(b, axis=1)
+    nonzero = row_norms > m * eps
+    # t* = max {t : D(t) <= ρ}, D(t) = dist(g_0, {y : B y >= t}), lies in [lower, upper].
+    lower = float(alignments.min())
+    upper = float((alignments + rho * row_norms).min())
+    if not nonzero.all():
+        upper = min(upper, 0.0)  # a zero row caps min_i ⟨g_i, d⟩ at 0
+    b, alignments = b[nonzero], alignments[nonzero]
+    t = upper
+    solution = _project(b, y0, t)
+    if solution is None:  # 0 is in the hull of the rows: t* <= 0
+        t = min(upper, 0.0)
+        solution = _project(b, y0, t)
+    mu, distance = solution
+    # D is convex and non-decreasing: Newton's method from the right decreases monotonically to
+    # t*. dD/dt = Σ μ / D (envelope theorem on ½ D²).
+    for _ in range(100):
+        if distance <= rho * (1.0 + 1e-12) or t <= lower:
+            break
+        slope = mu.sum() / distance
+        step = (distance - rho) / slope
+        if not step > 1e-15 * (abs(t) + rho * rho):
+            break
+        t = max(t - step, lower)
+        mu, distance = _project(b, y0, t)
+    weights = p.copy()
+    weights[nonzero] += mu
+    return weights
+
+
+class CAGradWeighting(Weighting):
+    r"""The weighting of :class:`CAGrad`, computed from the Gramian ``G = J Jᵀ``.
+
+    In the orthonormal coordinates ``B`` of the span of the rows (``G = B Bᵀ`` on its numerical
+    range), let ``D(t)`` be the distance from ``g_0`` to the polyhedron ``{y : B y >= t}``: a
+    convex, non-decreasing function of ``t``. The optimal alignment is
+    ``t^* = max {t : D(t) <= c ‖g_0‖}``, found by Newton's method from an upper bound, each
+    ``D(t)`` being a strictly convex projection QP (quadprog, identity Hessian, no
+    regularisation). At ``t^*`` the projection is ``d = g_0 + Jᵀμ`` with multipliers ``μ >= 0``,
+    which are exactly the dual solution: ``μ = c ‖g_0‖ w / ‖Jᵀw‖``. The weights are
+    ``1/m + μ``. ``G`` is first divided by its largest diagonal entry (scale-free).
+
+    Parameters
+    ----------
+    c:
+        The relative radius ``c >= 0`` of the ball around the mean gradient.
+    norm_eps:
+        A mean gradient ``g_0`` with ``‖g_0‖ <= norm_eps · max_i ‖g_i‖`` is taken as zero (the
+        ball is then the point ``g_0`` and the weights are ``1/m``). Relative, ``>= 0``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> J = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    >>> CAGradWeighting(c=0.5)(J @ J.T)  # w* = (1/2, 1/2) = g_0: μ = c ‖g_0‖ w* / ‖g_0‖ = 1/4
+    tensor([0.7500, 0.7500], dtype=torch.float64)
+    """
+
+    def __init__(self, c: float, norm_eps: float = 1e-4) -> None:
+        for name, value in (("c", c), ("norm_eps", norm_eps)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+            if not (math.isfinite(value) and value >= 0.0):
+                raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+        self.c = float(c)
+        self.norm_eps = float(norm_eps)
+
+    def forward(self, gramian: Tensor, /) -> Tensor:
+        check_gramian(gramian)
+        m = gramian.shape[0]
+        g = gramian.detach().to(device="cpu", dtype=torch.float64).numpy()
+        scale = float(np.max(np.diag(g), initial=0.0))
+        if m == 0 or scale <= 0.0 or self.c == 0.0:
+            weights = np.full(m, 1.0 / max(m, 1))
+        else:
+            eps = float(torch.finfo(gramian.dtype).eps)
+            g = (g + g.T) / (2.0 * scale)
+            weights = _cagrad_weights(g, self.c, self.norm_eps, eps)
+        return torch.from_numpy(weights).to(device=gramian.device, dtype=gramian.dtype)
+
+    def extra_repr(self) -> str:
+        return f"c={self.c}, norm_eps={self.norm_eps}"
+
+
+class CAGrad(GramianWeightedAggregator):
+    r"""The direction, within ``c ‖g_0‖`` of the mean gradient, that most improves the worst loss.
+
+    *Conflict-Averse Gradient Descent for Multi-task Learning*, Liu, Liu, Jin, Stone & Liu,
+    NeurIPS 2021 (https://arxiv.org/abs/2110.14048). With ``g_0 = \frac1m Σ_i g_i``:
+
+    .. math::
+
+        d^* = \operatorname*{argmax}_{\lVert d - g_0 \rVert \le c \lVert g_0 \rVert}
+              \min_i ⟨g_i, d⟩
+            = g_0 + \frac{c \lVert g_0 \rVert}{\lVert Jᵀw^* \rVert} Jᵀw^*, \qquad
+        w^* = \operatorname*{argmin}_{w \in Δ_m} ⟨Jᵀw, g_0⟩ + c \lVert g_0 \rVert \lVert Jᵀw \rVert.
+
+    ``A(J) = d^*``, as in the paper's Algorithm 1 (the official code can also divide the update
+    by ``1 + c²``; this class does not). The problem is solved exactly from the Gramian (see
+    :class:`CAGradWeighting`), with no absolute epsilon: when ``0`` is in the hull of the rows,
+    where ``w^*`` is not unique and ``Jᵀw^* = 0``, the update is the optimal ``d`` nearest to
+    ``g_0``, which stays well defined.
+
+    Properties: positively homogeneous, permutation invariant, Gramian-only, stateless,
+    deterministic. Non-conflicting when ``c >= 1`` (``d = 0`` is then in the ball, so
+    ``min_i ⟨g_i, d^*⟩ >= 0``), not for ``c < 1`` in general. ``c = 0`` is the Mean.
+
+    Parameters
+    ----------
+    c:
+        The relative radius ``c >= 0`` (the paper uses 0.2 to 0.9).
+    norm_eps:
+        Relative threshold below which ``‖g_0‖ / max_i ‖g_i‖`` counts as 0 (``>= 0``).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from jdoptim.aggregation import CAGrad
+    >>> J = torch.tensor([[1.0, 0.0], [-1.0, 2.0]], dtype=torch.float64)
+    >>> d = CAGrad(c=1.0)(J)  # g_0 = (0, 1), radius 1: d = (1, 1) is aligned by 1 with both rows
+    >>> d
+    tensor([1., 1.], dtype=torch.float64)
+    >>> J @ d
+    tensor([1., 1.], dtype=torch.float64)
+    """
+
+    def __init__(self, c: float, norm_eps: float = 1e-4) -> None:
+        super().__init__(CAGradWeighting(c, norm_eps))

@@ -1,0 +1,84 @@
+"""FairGrad against scipy (the published solver) and its fixed-point equation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import least_squares
+
+from jdoptim.aggregation._fairgrad import FairGrad, FairGradWeighting
+from tests.aggregation._inputs import random
+
+
+def scipy_weights(gramian: np.ndarray, alpha: float) -> np.ndarray:
+    """``G w - w^{-1/α} = 0`` by bounded least squares, as in the published implementation."""
+    x0 = np.ones(gramian.shape[0]) / np.sqrt(np.diag(gramian).mean())
+    result = least_squares(
+        lambda w: gramian @ w - w ** (-1.0 / alpha),
+        x0,
+        bounds=(1e-12, np.inf),
+        xtol=1e-15,
+        ftol=1e-15,
+        gtol=1e-15,
+        max_nfev=10_000,
+    )
+    return result.x
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0, 5.0])
+@pytest.mark.parametrize(("m", "seed"), [(2, 0), (3, 1), (5, 2), (8, 3)])
+def test_matches_scipy(alpha, m, seed):
+    matrix = random(m, 10, seed) + 1.0  # a common direction: a solution exists
+    gramian = matrix @ matrix.T
+    weights = FairGradWeighting(alpha)(torch.from_numpy(gramian)).numpy()
+    np.testing.assert_allclose(weights, scipy_weights(gramian, alpha), rtol=1e-6)
+    # the fixed-point equation itself, independently of any solver
+    np.testing.assert_allclose(gramian @ weights, weights ** (-1.0 / alpha), rtol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 3.0])
+def test_scaling_law_and_non_conflict(dtype, alpha):
+    """``A(sJ) = s^{(1-α)/(1+α)} A(J)``; ``J A(J) = w^{-1/α} > 0``."""
+    matrix = torch.from_numpy(random(4, 6, 5) + 0.7)
+    base = FairGrad(alpha)(matrix)
+    assert bool((matrix @ base > 0).all())
+    for s in [1e-6, 1e-2, 1e3, 1e6]:
+        scaled = FairGrad(alpha)((matrix * s).to(dtype)).double()
+        expected = s ** ((1 - alpha) / (1 + alpha)) * base
+        rtol = 1e-4 if dtype == torch.float32 else 1e-9
+        torch.testing.assert_close(
+            scaled, expected, rtol=rtol, atol=rtol * float(expected.abs().max())
+        )
+
+
+def test_zero_rows_and_no_solution():
+    # a zero row gets weight 0 and the others are solved alone
+    matrix = torch.tensor([[2.0, 0.0], [0.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    torch.testing.assert_close(
+        FairGradWeighting(1.0)(matrix @ matrix.T), torch.tensor([0.5, 0.0, 1.0]).double()
+    )
+    # opposite rows: no direction improves both, the limit of the weights' path is d = 0
+    opposite = torch.tensor([[1.0, 2.0], [-2.0, -4.0]], dtype=torch.float64)
+    assert float(FairGrad(1.0)(opposite).abs().max()) <= 1e-12
+    # rows (1, 0), (-1, 0), (0, 1): the blocking pair cancels, d is the Nash point of (0, 1)
+    blocked = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    torch.testing.assert_close(FairGrad(1.0)(blocked), torch.tensor([0.0, 1.0]).double())
+    assert torch.equal(FairGrad(2.0)(torch.zeros(3, 4)), torch.zeros(4))
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        ((0.0,), ValueError),
+        ((-1.0,), ValueError),
+        ((float("inf"),), ValueError),
+        (("1",), TypeError),
+        ((1.0, 0), ValueError),
+        ((1.0, 2.5), ValueError),
+    ],
+)
+def test_bad_arguments(args, error):
+    with pytest.raises(error):
+        FairGrad(*args)
