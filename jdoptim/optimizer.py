@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -14,6 +14,7 @@ from jdoptim._validation import as_loss_vector, as_tensor_list, check_finite_jac
 from jdoptim.aggregation import GramianWeightedAggregator, UPGrad
 from jdoptim.engine import (
     JacobianEngine,
+    LayerGramianEngine,
     NonFiniteGramianError,
     PerSampleEngine,
     aggregate_jacobians,
@@ -61,6 +62,17 @@ class JacobianOptimizer(Optimizer):
         modules owning this optimizer's parameters, and only when grad is enabled; a forward not
         followed by a step keeps the recorded layer inputs until the next ``zero_grad``.
         ``BatchNorm`` in training mode mixes samples and is rejected with an explanation.
+    path:
+        How the Jacobian is differentiated. ``"auto"`` (default): with ``batch_dim``, the
+        per-sample engine above; with ``shared_params`` and an aggregator that needs only the
+        Gramian, the layer-Gramian engine (one batched backward of data gradients; each
+        ``nn.Linear`` of the trunk contributes ``G_{st} = ⟨Gₒ_s, A Aᵀ Gₒ_t⟩`` from its input ``A``
+        and output gradients ``Gₒ``, and its update ``(Σ_t w_t Gₒ_t)ᵀ A``, without forming the
+        Jacobian rows; the same forward hook as above finds the layers); otherwise the Jacobian
+        engine (batched VJPs w.r.t. the parameters). ``"jacobian"`` forces the Jacobian engine (no
+        hook is installed). ``"gramian"`` forces a Gramian engine (per-sample with ``batch_dim``,
+        layer-Gramian otherwise, over all parameters when there are no ``shared_params``) and
+        needs a :class:`~jdoptim.aggregation.GramianWeightedAggregator`. Every path is exact.
 
     Examples
     --------
@@ -87,6 +99,7 @@ class JacobianOptimizer(Optimizer):
         grad_scaler: torch.amp.GradScaler | None = None,
         parallel_chunk_size: int | None = None,
         batch_dim: int | None = None,
+        path: Literal["auto", "jacobian", "gramian"] = "auto",
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
@@ -119,6 +132,14 @@ class JacobianOptimizer(Optimizer):
             raise ValueError(
                 f"batch_dim must be 0 (batch-first per-sample losses) or None, got {batch_dim!r}"
             )
+        if path not in ("auto", "jacobian", "gramian"):
+            raise ValueError(f"path must be 'auto', 'jacobian' or 'gramian', got {path!r}")
+        gramian_based = isinstance(aggregator, GramianWeightedAggregator)
+        if path == "gramian" and not gramian_based:
+            raise ValueError(
+                f"path='gramian' needs an aggregator that works from the Gramian "
+                f"(a GramianWeightedAggregator), got {aggregator!r}"
+            )
         # Initialise like every Optimizer (hook dicts, patched step) without a second copy of
         # the parameter groups: those live in the wrapped optimizer.
         Optimizer.__setstate__(
@@ -129,11 +150,16 @@ class JacobianOptimizer(Optimizer):
                 "shared_params": shared,
                 "grad_scaler": grad_scaler,
                 "engine": JacobianEngine(parallel_chunk_size),
-                "per_sample": None,
+                "gramian_engine": None,
             },
         )
+        if path == "jacobian":
+            return
         if batch_dim is not None:
-            self.per_sample = PerSampleEngine(self._params, parallel_chunk_size)
+            self.gramian_engine = PerSampleEngine(self._params, parallel_chunk_size)
+        elif path == "gramian" or (shared is not None and gramian_based):
+            aggregated = self._params if shared is None else self._shared_params
+            self.gramian_engine = LayerGramianEngine(aggregated, parallel_chunk_size)
 
     # The data model of the wrapped optimizer, shared by reference.
     @property
@@ -155,7 +181,7 @@ class JacobianOptimizer(Optimizer):
             "shared_params": self.shared_params,
             "grad_scaler": self.grad_scaler,
             "engine": self.engine,
-            "per_sample": self.per_sample,
+            "gramian_engine": self.gramian_engine,
         }
 
     def __repr__(self) -> str:
@@ -166,6 +192,9 @@ class JacobianOptimizer(Optimizer):
 
     def _params(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+
+    def _shared_params(self) -> list[Tensor]:
+        return self.shared_params
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Compute the losses with ``closure``, write the aggregated ``.grad`` and step.
@@ -219,15 +248,15 @@ class JacobianOptimizer(Optimizer):
         with torch.enable_grad():
             # Under an enabled GradScaler, non-finite losses are an overflow: the scaler skips.
             vector = as_loss_vector(losses, check_finite=not scaling)
-            if self.per_sample is not None:
+            if self.gramian_engine is not None:
                 if isinstance(self.aggregator, GramianWeightedAggregator):
-                    return self._per_sample_backward(vector, params)
-                self.per_sample.clear()  # this aggregator needs the whole Jacobian
+                    return self._gramian_backward(vector, params)
+                self.gramian_engine.clear()  # this aggregator needs the whole Jacobian
             jacobians = self.engine.jacobians(vector, params)
         with torch.no_grad():
             return self._write_aggregation(vector.detach(), params, jacobians)
 
-    def _per_sample_backward(self, vector: Tensor, params: list[Tensor]) -> Tensor:
+    def _gramian_backward(self, vector: Tensor, params: list[Tensor]) -> Tensor:
         scaler = self.grad_scaler
         scaling = scaler is not None and scaler.is_enabled()
         scale = scaler.get_scale() if scaling else 1.0
@@ -235,7 +264,7 @@ class JacobianOptimizer(Optimizer):
         if self.shared_params is not None:
             summed_only = frozenset(id(p) for p in params) - {id(p) for p in self.shared_params}
         try:
-            updates, _ = self.per_sample.gramian_step(
+            updates, _ = self.gramian_engine.gramian_step(
                 vector,
                 params,
                 self.aggregator.weights_from_gramian,
@@ -243,7 +272,10 @@ class JacobianOptimizer(Optimizer):
                 unscale=scale,
             )
             reached = [(p, u) for p, u in zip(params, updates, strict=True) if u is not None]
-            if not all(bool(torch.isfinite(u).all()) for _, u in reached):
+            # One host sync: a NaN or inf in any update makes its sum non-finite.
+            if reached and not bool(
+                torch.isfinite(torch.stack([u.sum() for _, u in reached])).all()
+            ):
                 raise NonFiniteGramianError("the per-sample gradients hold NaN or inf")
         except NonFiniteGramianError:
             if not scaling:
@@ -298,8 +330,8 @@ class JacobianOptimizer(Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset the gradients of the wrapped optimizer and delete any ``.jac`` left on them."""
         self.optimizer.zero_grad(set_to_none=set_to_none)
-        if self.per_sample is not None:
-            self.per_sample.clear()
+        if self.gramian_engine is not None:
+            self.gramian_engine.clear()
         for p in self._params():
             if hasattr(p, "jac"):
                 del p.jac
@@ -307,8 +339,8 @@ class JacobianOptimizer(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a parameter group to the wrapped optimizer; it joins the next Jacobian."""
         self.optimizer.add_param_group(param_group)
-        if self.per_sample is not None:
-            self.per_sample.clear()
+        if self.gramian_engine is not None:
+            self.gramian_engine.clear()
 
     def state_dict(self) -> dict[str, Any]:
         """The wrapped optimizer's ``state_dict`` plus one ``"jdoptim"`` key (aggregator state).

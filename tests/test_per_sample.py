@@ -11,9 +11,9 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev
 
-import jdoptim.engine._per_sample as per_sample_module
 from jdoptim import JacobianOptimizer
 from jdoptim.aggregation import Mean, UPGrad
+from jdoptim.engine import JacobianEngine
 from tests._references import upgrad_reference
 
 
@@ -125,13 +125,13 @@ def test_per_sample_step_matches_jacrev_and_independent_upgrad(name):
 
 def _count_fallbacks(monkeypatch):
     calls = []
-    original = per_sample_module.JacobianEngine.jacobians
+    original = JacobianEngine.jacobians
 
     def spy(self, outputs, inputs, **kwargs):
         calls.append(len(inputs))
         return original(self, outputs, inputs, **kwargs)
 
-    monkeypatch.setattr(per_sample_module.JacobianEngine, "jacobians", spy)
+    monkeypatch.setattr(JacobianEngine, "jacobians", spy)
     return calls
 
 
@@ -207,7 +207,7 @@ def test_a_jacobian_aggregator_uses_the_jacobian_path():
         torch.optim.SGD(model.parameters(), lr=0.1), lambda j: j[0], batch_dim=0
     )
     opt.backward(_mse(model(x), torch.zeros(5, 2, dtype=torch.float64)))
-    assert not opt.per_sample._calls
+    assert not opt.gramian_engine._calls
     params = {k: v.detach() for k, v in model.named_parameters()}
     jac = jacrev(lambda p: _mse(functional_call(model, p, (x,)), 0.0))(params)
     torch.testing.assert_close(model.weight.grad, jac["weight"][0])
@@ -233,13 +233,13 @@ def test_no_grad_forwards_record_nothing_and_steps_leave_no_records():
     opt = JacobianOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), Mean(), batch_dim=0)
     with torch.no_grad():
         model(torch.randn(4, 3))
-    assert not opt.per_sample._calls
+    assert not opt.gramian_engine._calls
     opt.step(lambda: model(torch.randn(4, 3)).sum(dim=1))
-    assert not opt.per_sample._calls
+    assert not opt.gramian_engine._calls
     model(torch.randn(4, 3))
-    assert opt.per_sample._calls
+    assert opt.gramian_engine._calls
     opt.zero_grad()
-    assert not opt.per_sample._calls
+    assert not opt.gramian_engine._calls
 
 
 def test_hook_goes_away_with_the_optimizer_and_copies_work():

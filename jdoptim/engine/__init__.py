@@ -2,11 +2,13 @@
 
 from jdoptim.engine._graph import reachable_leaves
 from jdoptim.engine._jacobian import JacobianEngine
+from jdoptim.engine._layer_gramian import LayerGramianEngine
 from jdoptim.engine._per_sample import NonFiniteGramianError, PerSampleEngine
 from jdoptim.engine._reduce import aggregate_jacobians
 
 __all__ = [
     "JacobianEngine",
+    "LayerGramianEngine",
     "NonFiniteGramianError",
     "PerSampleEngine",
     "aggregate_jacobians",

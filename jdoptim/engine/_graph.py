@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from torch import Tensor
 
@@ -38,3 +39,28 @@ def reachable_leaves(roots: Sequence[Tensor], stop_at: Iterable[Tensor] = ()) ->
             continue
         stack.extend(child for child, _ in node.next_functions)
     return list(leaves.values())
+
+
+def leaf_uses(roots: Sequence[Tensor]) -> tuple[dict[int, int], set[Any]]:
+    """Count the graph edges into each leaf that ``roots`` depend on; return them and the nodes.
+
+    The first result maps ``id(leaf)`` to the number of times the graph of ``roots`` uses the
+    leaf (``1`` for a weight used by one layer call; ``2`` when it is tied or also used by a
+    functional call). The second is the set of graph nodes reachable from ``roots``.
+    """
+    uses: dict[int, int] = {}
+    seen: set[Any] = set()
+    stack = [root.grad_fn for root in roots if root.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for child, _ in node.next_functions:
+            if child is None:
+                continue
+            variable = getattr(child, "variable", None)
+            if variable is not None:
+                uses[id(variable)] = uses.get(id(variable), 0) + 1
+            stack.append(child)
+    return uses, seen

@@ -12,7 +12,6 @@ module, calls on another batch size) are differentiated exactly by batched VJPs.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,8 +19,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from jdoptim.engine._jacobian import JacobianEngine
 from jdoptim.engine._layer_rules import PerSample, mixes_samples, mixing_error, rule_for
+from jdoptim.engine._recording import RecordingEngine
 from jdoptim.engine._reduce import gramian as jacobian_gramian
 
 
@@ -42,7 +41,7 @@ class _Call:
         self.grad = grad.detach()
 
 
-class PerSampleEngine:
+class PerSampleEngine(RecordingEngine):
     """Record layer inputs and output gradients of the modules that own ``params``.
 
     Parameters
@@ -63,44 +62,17 @@ class PerSampleEngine:
     def __init__(
         self, params: Callable[[], list[Tensor]], parallel_chunk_size: int | None = None
     ) -> None:
-        self._params = params
-        self._fallback = JacobianEngine(parallel_chunk_size)
         self._calls: dict[nn.Module, list[_Call]] = {}
         self._mixing: list[nn.Module] = []  # sample-mixing layers the gradient went through
         self._hooks: list[RemovableHandle] = []  # gradient hooks on recorded outputs
-        self._owners: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
-        self._param_ids: frozenset[int] | None = None  # None: re-read at the next record
-        self._owned_ids: frozenset[int] = frozenset()  # the ids that _owners was built for
-        self._handle: RemovableHandle | None = None
-        self.clear()
-        self.attach()
-
-    def attach(self) -> None:
-        """Install the global forward hook (done at construction)."""
-        if self._handle is None:
-            self_ref = weakref.ref(self)
-
-            def hook(module: nn.Module, args: Any, output: Any) -> None:
-                engine = self_ref()
-                if engine is not None:
-                    engine._record(module, args, output)
-
-            self._handle = nn.modules.module.register_module_forward_hook(hook)
-            weakref.finalize(self, self._handle.remove)
-
-    def detach(self) -> None:
-        """Remove the forward hook and forget every record."""
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-        self.clear()
+        super().__init__(params, parallel_chunk_size)
 
     def clear(self) -> None:
         """Forget the recorded calls; the parameter list (it may have grown) is re-read lazily."""
         self._release_hooks()
         self._calls.clear()
         self._mixing.clear()
-        self._param_ids = None
+        super().clear()
 
     def _release_hooks(self) -> None:
         """Remove the output-gradient hooks, so that no later (batched) pass runs them."""
@@ -108,39 +80,19 @@ class PerSampleEngine:
             handle.remove()
         self._hooks.clear()
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {"params": self._params, "chunk": self._fallback.parallel_chunk_size}
+    def _claims(self, module: nn.Module, param_ids: frozenset[int]) -> bool:
+        return rule_for(module) is not None and any(
+            id(p) in param_ids for p in module.parameters(recurse=False)
+        )
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["params"], state["chunk"])
-
-    def _owns(self, module: nn.Module) -> bool:
-        if self._param_ids is None:
-            ids = frozenset(id(p) for p in self._params())
-            if ids != self._owned_ids:
-                self._owned_ids = ids
-                self._owners = weakref.WeakKeyDictionary()
-            self._param_ids = ids
-        owned = self._owners.get(module)
-        if owned is None:
-            owned = rule_for(module) is not None and any(
-                id(p) in self._param_ids for p in module.parameters(recurse=False)
-            )
-            self._owners[module] = owned
-        return owned
-
-    def _record(self, module: nn.Module, args: Any, output: Any) -> None:
-        if not torch.is_grad_enabled() or not args or not isinstance(output, Tensor):
-            return
-        if not output.requires_grad:
-            return
+    def _record_call(self, module: nn.Module, input: Any, output: Tensor) -> None:
         if mixes_samples(module):
             mixing = self._mixing
             self._hooks.append(output.register_hook(lambda _: mixing.append(module)))
             return
         if not self._owns(module):
             return
-        call = _Call(args[0].detach())
+        call = _Call(input.detach())
         self._hooks.append(output.register_hook(call.capture))
         self._calls.setdefault(module, []).append(call)
 
