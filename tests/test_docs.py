@@ -43,6 +43,7 @@ def test_docs_build_without_warnings(tmp_path):
         "jdoptim.jac_to_grad",
         "jdoptim.mtl_backward",
         "jdoptim.linalg.project_weights",
+        "jdoptim.linalg.project_weights_quadprog",
     ]:
         assert f'id="{name}"' in api, name
     import jdoptim.aggregation

@@ -32,7 +32,7 @@ import quadprog
 import torch
 from torch import Tensor
 
-__all__ = ["project_weights"]
+__all__ = ["project_weights_quadprog"]
 
 
 def _range_factor(gramian: np.ndarray, eps: float) -> np.ndarray:
@@ -70,8 +70,11 @@ def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return x
 
 
-def project_weights(gramian: Tensor, targets: Tensor) -> Tensor:
-    """Return the weights of the dual-cone projections of ``Jᵀ targets[k]``.
+def project_weights_quadprog(gramian: Tensor, targets: Tensor) -> Tensor:
+    """Return the weights of the dual-cone projections of ``Jᵀ targets[k]``, one QP at a time.
+
+    The reference solver (quadprog on the range of ``G``, on the host, one problem after the
+    other), and the fallback of :func:`jdoptim.linalg.project_weights`.
 
     Parameters
     ----------
@@ -94,7 +97,7 @@ def project_weights(gramian: Tensor, targets: Tensor) -> Tensor:
 
     >>> import torch
     >>> J = torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=torch.float64)
-    >>> w = project_weights(J @ J.T, torch.eye(2, dtype=torch.float64))
+    >>> w = project_weights_quadprog(J @ J.T, torch.eye(2, dtype=torch.float64))
     >>> w
     tensor([[1.0000, 0.5000],
             [1.0000, 1.0000]], dtype=torch.float64)

@@ -53,7 +53,7 @@ class Entry:
     (homogeneity, permutation invariance) for methods that are exact only up to their stopping
     rule. ``solves_on_gramian`` marks methods that solve a problem on ``G = J Jᵀ`` (condition
     number ``κ(J)²``): they are compared up to ``sqrt(m · eps)``, the order of the singular values
-    that rounding erases from a Gramian (``project_weights`` drops eigenvalues below
+    that rounding erases from a Gramian (``project_weights_quadprog`` drops eigenvalues below
     ``eps · λ_max``), with a ``sqrt(m)`` margin.
     """
 

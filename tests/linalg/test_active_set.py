@@ -1,0 +1,164 @@
+"""``project_weights`` (batched active set) vs an independent float64 primal projection (NNLS)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import nnls
+
+from jdoptim.linalg import project_weights, project_weights_quadprog
+
+
+def _jacobian(kind: str, m: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    f64 = torch.float64
+    if kind == "random":
+        return torch.randn(m, 2000 if m >= 64 else 3 * m + 2, generator=gen, dtype=f64)
+    if kind == "rank_deficient":  # m > n
+        return torch.randn(m, m // 2, generator=gen, dtype=f64)
+    if kind == "duplicated":
+        base = torch.randn(m // 2, 3 * m, generator=gen, dtype=f64)
+        return torch.cat([base, base[: m - m // 2]])
+    if kind == "ill_conditioned":  # condition number of G: 1e8
+        q1, _ = torch.linalg.qr(torch.randn(m, m, generator=gen, dtype=f64))
+        q2, _ = torch.linalg.qr(torch.randn(3 * m, m, generator=gen, dtype=f64))
+        return (q1 * torch.logspace(0, -4, m, dtype=f64)) @ q2.T
+    raise ValueError(kind)
+
+
+def _reference_projections(jacobian: torch.Tensor, rows: list[int]) -> np.ndarray:
+    """Projections of rows of J onto {x : J x >= 0}: g + Jᵀμ with μ = nnls(Jᵀ, -g)."""
+    j = jacobian.numpy()
+    out = []
+    for i in rows:
+        mu, _ = nnls(j.T, -j[i], maxiter=100 * j.shape[0])
+        out.append(j[i] + j.T @ mu)
+    return np.stack(out)
+
+
+def _error(jacobian: torch.Tensor, weights: torch.Tensor, rows: list[int]) -> float:
+    """Relative error of the aggregated (mean) projection; floor: 1e-3 of the largest gradient."""
+    reference = _reference_projections(jacobian, rows).mean(axis=0)
+    ours = (weights.double().mean(dim=0) @ jacobian).numpy()
+    floor = 1e-3 * float(jacobian.norm(dim=1).max())
+    return float(np.linalg.norm(ours - reference) / max(np.linalg.norm(reference), floor))
+
+
+CASES = [
+    ("random", 1),
+    ("random", 2),
+    ("random", 8),
+    ("random", 64),
+    ("random", 128),
+    ("rank_deficient", 64),
+    ("duplicated", 32),
+    ("ill_conditioned", 64),
+]
+
+
+@pytest.mark.parametrize(("kind", "m"), CASES)
+def test_float64_matches_nnls(kind: str, m: int) -> None:
+    jacobian = _jacobian(kind, m)
+    weights = project_weights(jacobian @ jacobian.T, torch.eye(m, dtype=torch.float64))
+    assert (weights >= torch.eye(m, dtype=torch.float64)).all()
+    assert _error(jacobian, weights, list(range(m))) < 1e-6
+
+
+@pytest.mark.parametrize(("kind", "m"), CASES)
+def test_float32_matches_nnls(kind: str, m: int) -> None:
+    jacobian = _jacobian(kind, m)
+    gramian = (jacobian @ jacobian.T).float()
+    weights = project_weights(gramian, torch.eye(m))
+    assert weights.dtype == torch.float32
+    assert _error(jacobian, weights, list(range(m))) < 1e-4
+
+
+def test_m_512_subset_of_targets() -> None:
+    jacobian = _jacobian("random", 512)
+    rows = [0, 100, 200, 300, 400, 511]
+    targets = torch.eye(512, dtype=torch.float64)[rows]
+    weights = project_weights(jacobian @ jacobian.T, targets)
+    assert _error(jacobian, weights, rows) < 1e-6
+
+
+@pytest.mark.parametrize(("kind", "m"), CASES)
+def test_agrees_with_quadprog_path(kind: str, m: int) -> None:
+    jacobian = _jacobian(kind, m, seed=1)
+    gramian, targets = jacobian @ jacobian.T, torch.rand(m, m, dtype=torch.float64)
+    ours = project_weights(gramian, targets) @ jacobian
+    theirs = project_weights_quadprog(gramian, targets) @ jacobian
+    floor = 1e-3 * float(jacobian.norm(dim=1).max())
+    denominator = theirs.norm(dim=1).clamp_min(floor)
+    assert ((ours - theirs).norm(dim=1) / denominator).max() < 1e-6
+
+
+def test_zero_matrix_and_zero_rows() -> None:
+    targets = torch.rand(3, 5, dtype=torch.float64)
+    assert torch.equal(project_weights(torch.zeros(5, 5, dtype=torch.float64), targets), targets)
+    jacobian = _jacobian("random", 8)
+    jacobian[3] = 0.0
+    weights = project_weights(jacobian @ jacobian.T, torch.eye(8, dtype=torch.float64))
+    assert (weights[:, 3] == torch.eye(8, dtype=torch.float64)[:, 3]).all()  # never added
+    assert _error(jacobian, weights, list(range(8))) < 1e-6
+
+
+@pytest.mark.parametrize("scale", [1e-8, 1e8])
+def test_scale_invariance(scale: float) -> None:
+    jacobian = _jacobian("random", 64)
+    gramian, targets = jacobian @ jacobian.T, torch.eye(64, dtype=torch.float64)
+    weights = project_weights(gramian, targets)
+    scaled = project_weights(gramian * scale, targets)
+    torch.testing.assert_close(scaled, weights, rtol=1e-10, atol=1e-12)
+    assert torch.equal(project_weights(gramian * 2.0**-30, targets), weights)
+    assert _error(jacobian * scale**0.5, scaled, list(range(64))) < 1e-6
+
+
+def test_fallback_is_exact() -> None:
+    jacobian = _jacobian("random", 64)
+    gramian, targets = jacobian @ jacobian.T, torch.eye(64, dtype=torch.float64)
+    for max_iter in (0, 1):  # every problem, or those one iteration leaves, go to quadprog
+        weights = project_weights(gramian, targets, max_iter=max_iter)
+        assert _error(jacobian, weights, list(range(64))) < 1e-6
+
+
+@pytest.mark.parametrize(("kind", "uses_quadprog"), [("random", False), ("rank_deficient", True)])
+def test_quadprog_only_for_singular_gramians(monkeypatch, kind: str, uses_quadprog: bool) -> None:
+    """Well-conditioned Gramians are certified by the batched iteration, without quadprog."""
+    calls = []
+
+    def spy(gramian: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        calls.append(targets.shape[0])
+        return project_weights_quadprog(gramian, targets)
+
+    monkeypatch.setattr("jdoptim.linalg._active_set.project_weights_quadprog", spy)
+    jacobian = _jacobian(kind, 64)
+    weights = project_weights(jacobian @ jacobian.T, torch.eye(64, dtype=torch.float64))
+    assert bool(calls) == uses_quadprog
+    assert _error(jacobian, weights, list(range(64))) < 1e-6
+
+
+def test_rejects_bad_shapes() -> None:
+    with pytest.raises(ValueError, match="square"):
+        project_weights(torch.zeros(3, 4), torch.zeros(1, 3))
+    with pytest.raises(ValueError, match=r"\[k, 3\]"):
+        project_weights(torch.eye(3), torch.zeros(3))
+
+
+def test_empty() -> None:
+    assert project_weights(torch.zeros(0, 0), torch.zeros(2, 0)).shape == (2, 0)
+    assert project_weights(torch.eye(3), torch.zeros(0, 3)).shape == (0, 3)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_matches_cpu(dtype: torch.dtype) -> None:
+    jacobian = _jacobian("random", 64)
+    gramian, targets = (jacobian @ jacobian.T).to(dtype), torch.eye(64, dtype=dtype)
+    cpu = project_weights(gramian, targets)
+    cuda = project_weights(gramian.cuda(), targets.cuda())
+    assert cuda.device.type == "cuda" and cuda.dtype == dtype
+    tol = 1e-4 if dtype == torch.float32 else 1e-9
+    assert _error(jacobian, cuda.cpu(), list(range(64))) < tol
+    torch.testing.assert_close(cuda.cpu(), cpu, rtol=tol, atol=tol)
