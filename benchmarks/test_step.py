@@ -27,6 +27,7 @@ from torch.nn import functional as F
 
 from jdoptim import JacobianOptimizer, jac_to_grad, mtl_backward
 from jdoptim.aggregation import MGDA, Mean, UPGrad, UPGradWeighting
+from jdoptim.linalg import project_weights_quadprog
 
 AGGREGATORS = {"UPGrad": UPGrad, "Mean": Mean, "MGDA": MGDA}
 LR = 1e-3
@@ -314,9 +315,12 @@ def test_mtl_torchjd(benchmark, name):
 
 
 # --------------------------------------------------------------------------------------------
-# The UPGrad weighting alone, on the Gramian of a random Jacobian J ~ N(0, 1) of shape [m, 1000].
+# The UPGrad weighting alone, on the Gramian of a random Jacobian J ~ N(0, 1) of shape [m, 1000]:
+# the batched solver (``project_weights``), one-by-one quadprog (``project_weights_quadprog``,
+# the reference of the target) and the peer.
 
 GRAMIAN_COLUMNS = 1000
+WEIGHTING_SIZES = [16, 64, 128, 512]
 
 
 def _random_gramian(m: int) -> torch.Tensor:
@@ -325,20 +329,37 @@ def _random_gramian(m: int) -> torch.Tensor:
     return jacobian @ jacobian.T
 
 
-@pytest.mark.parametrize("m", [16, 64, 128])
-def test_upgrad_weighting(benchmark, m):
+def _run_weighting(benchmark: Any, m: int, weigh: Callable[[], Any], slow: bool) -> None:
     benchmark.group = f"UPGrad weighting, random Gramian, m={m}"
+    if slow and m >= 128:  # one-by-one QPs: seconds per call at m = 512
+        weigh()
+        record_peak_memory(benchmark, weigh)
+        benchmark.pedantic(weigh, rounds=3 if m == 128 else 1, iterations=1)
+    else:
+        _run(benchmark, weigh)
+
+
+@pytest.mark.parametrize("m", WEIGHTING_SIZES)
+def test_upgrad_weighting(benchmark, m):
     gramian = _random_gramian(m)
     weighting = UPGradWeighting()
-    _run(benchmark, lambda: weighting(gramian))
+    _run_weighting(benchmark, m, lambda: weighting(gramian), slow=False)
 
 
-@pytest.mark.parametrize("m", [16, 64, 128])
+@pytest.mark.parametrize("m", WEIGHTING_SIZES)
+def test_upgrad_weighting_quadprog(benchmark, m):
+    gramian = _random_gramian(m)
+    targets = torch.eye(m)
+    _run_weighting(
+        benchmark, m, lambda: project_weights_quadprog(gramian, targets).mean(dim=0), slow=True
+    )
+
+
+@pytest.mark.parametrize("m", WEIGHTING_SIZES)
 def test_upgrad_weighting_torchjd(benchmark, m):
-    benchmark.group = f"UPGrad weighting, random Gramian, m={m}"
     _, aggregation = _torchjd()
     if not hasattr(aggregation, "UPGradWeighting"):
         pytest.skip("this torchjd version has no public UPGradWeighting")
     gramian = _random_gramian(m)
     weighting = aggregation.UPGradWeighting()
-    _run(benchmark, lambda: weighting(gramian))
+    _run_weighting(benchmark, m, lambda: weighting(gramian), slow=True)

@@ -40,8 +40,8 @@ positive definite ``G``). All ``k`` problems iterate together, one batched facto
 iteration.
 
 **Starting sets.** The iteration starts from the rows that a few steps of accelerated projected
-gradient (FISTA, all problems in one matrix product per step, step ``1/L`` with
-``L = ‖G⁴‖_F^{1/4} >= λ_max``) add. On well-conditioned Gramians that guess is usually the
+gradient (FISTA in float32, all problems in one matrix product per step, step ``1/λ_max``)
+add. On well-conditioned Gramians that guess is usually the
 answer, and one factorisation both computes and certifies it; otherwise the iteration corrects it
 in a few more. Problems still infeasible after ``max_iter`` iterations (degenerate or very
 ill-conditioned ones) are solved by :func:`jdoptim.linalg.project_weights_quadprog`, the only
@@ -115,20 +115,23 @@ def _solve_free(gramian: Tensor, targets: Tensor, free: Tensor, compact: bool) -
     return fixed_part.scatter(1, order, values)
 
 
-def _starting_free_set(gramian: Tensor, targets: Tensor) -> Tensor:
-    """Rows added by a few FISTA steps on ``min_{v >= u} ½ vᵀGv`` (a guess, checked later)."""
-    g2 = gramian @ gramian
-    lipschitz = torch.linalg.matrix_norm(g2 @ g2).pow(0.25)  # >= λ_max(G)
-    step = 1.0 / lipschitz.clamp_min(torch.finfo(gramian.dtype).tiny)
-    v = targets
-    y = targets
+def _starting_free_set(gramian: Tensor, targets: Tensor, lipschitz: Tensor) -> Tensor:
+    """Rows added by a few FISTA steps on ``min_{v >= u} ½ vᵀGv`` (a guess, checked later).
+
+    Only the set matters, so the steps run in float32 (half the cost of float64 products).
+    """
+    g = gramian.float()
+    u = targets.float()
+    step = (1.0 / lipschitz).float()
+    v = u
+    y = u
     t = 1.0
     for _ in range(_FISTA_STEPS):
-        v_next = torch.maximum(y - step * (y @ gramian), targets)
+        v_next = torch.maximum(y - step * (y @ g), u)
         t_next = (1.0 + (1.0 + 4.0 * t * t) ** 0.5) / 2.0
         y = v_next + ((t - 1.0) / t_next) * (v_next - v)
         v, t = v_next, t_next
-    return v > targets
+    return v > u
 
 
 def project_weights(gramian: Tensor, targets: Tensor, *, max_iter: int = 30) -> Tensor:
@@ -206,7 +209,7 @@ def project_weights(gramian: Tensor, targets: Tensor, *, max_iter: int = 30) -> 
         return project_weights_quadprog(gramian.detach(), targets.detach().to(dtype))
     tol_factor = 10 * m * torch.finfo(work).eps
 
-    free = _starting_free_set(g, u)
+    free = _starting_free_set(g, u, eigenvalues[-1])
     weights = u.clone()
     rows = torch.arange(k, device=device)  # problems still in the batch
     best = torch.full((k,), m + 1, device=device)
