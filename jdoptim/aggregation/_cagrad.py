@@ -28,6 +28,26 @@ def _project(b: np.ndarray, y0: np.ndarray, t: float) -> tuple[np.ndarray, float
     return mu, float(np.linalg.norm(b.T @ mu))
 
 
+def _project_above_zero(
+    b: np.ndarray, y0: np.ndarray, t: float, hull_tol: float
+) -> tuple[np.ndarray, float] | None:
+    """:func:`_project` for ``t > 0``, ``None`` when ``0`` is numerically in the hull of the rows.
+
+    ``{B y >= t}`` with ``t > 0`` is empty when ``0`` is in the hull. At a solution, ``μ / Σμ``
+    are hull weights whose point ``Bᵀμ / Σμ`` has norm ``D(t) / Σμ``: when it is shorter than
+    ``hull_tol`` (normalised rows), the constraints were made feasible only by rounding (a
+    direction of ``B`` that is noise of the Gramian), with multipliers so large that ``Jᵀw`` would
+    be a cancellation of huge terms. Then ``t^* <= 0``.
+    """
+    solution = _project(b, y0, t)
+    if solution is not None:
+        mu, distance = solution
+        total = float(mu.sum())
+        if total > 0.0 and distance <= hull_tol * total:
+            return None
+    return solution
+
+
 def _cagrad_weights(g: np.ndarray, c: float, norm_eps: float, eps: float) -> np.ndarray:
     """CAGrad's weights for a float64 Gramian ``g`` whose largest diagonal entry is 1."""
     m = g.shape[0]
@@ -46,8 +66,11 @@ def _cagrad_weights(g: np.ndarray, c: float, norm_eps: float, eps: float) -> np.
     if not nonzero.all():
         upper = min(upper, 0.0)  # a zero row caps min_i ⟨g_i, d⟩ at 0
     b, alignments = b[nonzero], alignments[nonzero]
+    # A hull point shorter than this cannot be told from 0 with a Gramian rounded in the dtype:
+    # its eigenvalues below ~m·eps·λ_max (singular values below sqrt(m·eps)) are noise.
+    hull_tol = math.sqrt(10.0 * m * eps)
     t = upper
-    solution = _project(b, y0, t)
+    solution = _project_above_zero(b, y0, t, hull_tol) if t > 0.0 else _project(b, y0, t)
     if solution is None:  # 0 is in the hull of the rows: t* <= 0
         t = min(upper, 0.0)
         solution = _project(b, y0, t)
@@ -62,7 +85,11 @@ def _cagrad_weights(g: np.ndarray, c: float, norm_eps: float, eps: float) -> np.
         if not step > 1e-15 * (abs(t) + rho * rho):
             break
         t = max(t - step, lower)
-        mu, distance = _project(b, y0, t)
+        solution = _project_above_zero(b, y0, t, hull_tol) if t > 0.0 else _project(b, y0, t)
+        if solution is None:  # 0 is numerically in the hull: t* <= 0
+            t = 0.0
+            solution = _project(b, y0, t)
+        mu, distance = solution
     weights = p.copy()
     weights[nonzero] += mu
     return weights
@@ -78,7 +105,11 @@ class CAGradWeighting(Weighting):
     ``D(t)`` being a strictly convex projection QP (quadprog, identity Hessian, no
     regularisation). At ``t^*`` the projection is ``d = g_0 + Jᵀμ`` with multipliers ``μ >= 0``,
     which are exactly the dual solution: ``μ = c ‖g_0‖ w / ‖Jᵀw‖``. The weights are
-    ``1/m + μ``. ``G`` is first divided by its largest diagonal entry (scale-free).
+    ``1/m + μ``. ``G`` is first divided by its largest diagonal entry (scale-free). When a
+    solution with ``t > 0`` has multipliers whose hull point ``Jᵀμ / Σμ`` is shorter than
+    ``sqrt(10 m eps) · max_i ‖g_i‖`` (below what the Gramian resolves in its dtype), ``0`` is taken
+    to be in the hull of the rows and ``t^* <= 0``: rounding, not the rows, made ``{B y >= t}``
+    feasible, and ``Jᵀw`` would cancel huge weights.
 
     Parameters
     ----------

@@ -92,7 +92,10 @@ class GradDrop(Seeded, Aggregator):
         if self.leak is not None and self.leak.shape[0] != m:
             raise ValueError(f"leak has {self.leak.shape[0]} entries but the matrix has {m} rows")
         uniform = torch.rand(n, generator=self._rng.generator, dtype=torch.float64)
+        # Rounding to a narrower dtype can turn a draw just below 1 into 1 (about 3e-8 of the
+        # draws in float32): keep U < 1, so that a pure column (f(P) = 1) is always kept.
         uniform = uniform.to(device=matrix.device, dtype=matrix.dtype)
+        uniform = uniform.clamp(max=1.0 - torch.finfo(matrix.dtype).eps / 2)
         total = matrix.sum(dim=0)
         magnitude = matrix.abs().sum(dim=0)
         safe = torch.where(magnitude > 0, magnitude, torch.ones_like(magnitude))
