@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from jdoptim._distributed import Exchange, JacobianAccumulator, current_exchange
 from jdoptim._validation import as_loss_vector, as_tensor_list, check_finite_jacobians
 from jdoptim.aggregation import GramianWeightedAggregator, UPGrad
 from jdoptim.engine import (
@@ -19,10 +20,15 @@ from jdoptim.engine import (
     PerSampleEngine,
     aggregate_jacobians,
 )
+from jdoptim.engine._per_sample import combine_parts
 
 __all__ = ["JacobianOptimizer"]
 
 _STATE_KEY = "jdoptim"
+# Attributes that copies, pickles and fresh optimizers start without: micro-batches kept by
+# backward(..., accumulate=True), whether the aggregator state was synchronised across ranks,
+# and the bytes this rank sent in the last cross-rank exchange.
+_TRANSIENT = {"_pending": None, "_ranks_synced": False, "cross_rank_bytes": 0}
 
 
 class JacobianOptimizer(Optimizer):
@@ -73,6 +79,19 @@ class JacobianOptimizer(Optimizer):
         hook is installed). ``"gramian"`` forces a Gramian engine (per-sample with ``batch_dim``,
         layer-Gramian otherwise, over all parameters when there are no ``shared_params``) and
         needs a :class:`~jdoptim.aggregation.GramianWeightedAggregator`. Every path is exact.
+    cross_rank:
+        How the loss vectors of several ranks (when ``torch.distributed`` is initialised with more
+        than one process) and of several micro-batches (``backward(..., accumulate=True)``)
+        form one global loss vector. ``"mean"``: their mean (each rank estimates the same ``m``
+        objectives, as DDP averages gradients); the Jacobian blocks are averaged with one
+        ``all_reduce``, and a Gramian engine falls back to the Jacobian path, since the mean
+        Jacobian's Gramian cannot be formed from local Gramians. ``"concat"``: their
+        concatenation, rank by rank (one loss per sample of the global batch); the Jacobian
+        rows are gathered, or with ``batch_dim=0`` only the per-layer inputs and output
+        gradients. ``None`` (default): ``"concat"`` with ``batch_dim=0``, ``"mean"`` otherwise.
+        Every rank then runs the same aggregation and writes the same ``.grad``; ``step`` and
+        ``backward`` return the local losses. After each exchange, ``cross_rank_bytes`` holds
+        the bytes this rank sent. See :doc:`distributed`.
 
     Examples
     --------
@@ -100,6 +119,7 @@ class JacobianOptimizer(Optimizer):
         parallel_chunk_size: int | None = None,
         batch_dim: int | None = None,
         path: Literal["auto", "jacobian", "gramian"] = "auto",
+        cross_rank: Literal["mean", "concat"] | None = None,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
@@ -134,6 +154,10 @@ class JacobianOptimizer(Optimizer):
             )
         if path not in ("auto", "jacobian", "gramian"):
             raise ValueError(f"path must be 'auto', 'jacobian' or 'gramian', got {path!r}")
+        if cross_rank is None:
+            cross_rank = "concat" if batch_dim is not None else "mean"
+        if cross_rank not in ("mean", "concat"):
+            raise ValueError(f"cross_rank must be 'mean', 'concat' or None, got {cross_rank!r}")
         gramian_based = isinstance(aggregator, GramianWeightedAggregator)
         if path == "gramian" and not gramian_based:
             raise ValueError(
@@ -151,6 +175,8 @@ class JacobianOptimizer(Optimizer):
                 "grad_scaler": grad_scaler,
                 "engine": JacobianEngine(parallel_chunk_size),
                 "gramian_engine": None,
+                "cross_rank": cross_rank,
+                **_TRANSIENT,
             },
         )
         if path == "jacobian":
@@ -182,6 +208,8 @@ class JacobianOptimizer(Optimizer):
             "grad_scaler": self.grad_scaler,
             "engine": self.engine,
             "gramian_engine": self.gramian_engine,
+            "cross_rank": self.cross_rank,
+            **_TRANSIENT,
         }
 
     def __repr__(self) -> str:
@@ -228,18 +256,54 @@ class JacobianOptimizer(Optimizer):
         self.optimizer.step()
         return vector
 
-    def backward(self, losses: Tensor | list[Tensor] | tuple[Tensor, ...]) -> Tensor:
+    def backward(
+        self, losses: Tensor | list[Tensor] | tuple[Tensor, ...], *, accumulate: bool = False
+    ) -> Tensor:
         """Write the aggregation of the Jacobian of ``losses`` into ``.grad``, without stepping.
 
         The update is accumulated into ``.grad`` (as ``loss.backward()`` accumulates). Nothing is
         written if any check fails. Follow with :meth:`step` (no closure), ``scaler.step(opt)``,
         or gradient clipping then :meth:`step`.
 
+        Parameters
+        ----------
+        losses:
+            A tensor of any shape (flattened) or a list/tuple of scalar tensors.
+        accumulate:
+            ``True`` keeps this micro-batch's Jacobian (or, with ``batch_dim=0``, its per-layer
+            pieces) and writes nothing; the next call without ``accumulate`` (or
+            :meth:`step` with a closure) combines every kept micro-batch with its own losses as
+            ``cross_rank`` says, aggregates once and writes ``.grad``. ``"mean"``: the global
+            losses are the mean of the micro-batches' loss vectors (``k`` micro-batches of task
+            losses averaged over their samples equal one batch ``k`` times as large when they
+            have the same size); ``"concat"``: the rows are stacked in call order (``k``
+            micro-batches of per-sample losses equal one batch of all their samples). Under
+            ``torch.distributed``, ranks exchange nothing until that final call. ``zero_grad``
+            keeps what was accumulated; the kept tensors are not part of ``state_dict``; a call
+            that raises drops them (start the accumulation again).
+
         Returns
         -------
         Tensor
             The losses, flattened and detached (still scaled when a ``grad_scaler`` is used).
+
+        Examples
+        --------
+        >>> import torch
+        >>> from jdoptim import JacobianOptimizer
+        >>> model = torch.nn.Linear(3, 2)
+        >>> opt = JacobianOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+        >>> x, y = torch.randn(8, 3), torch.randn(8, 2)
+        >>> for xs, ys in zip(x.split(4), y.split(4)):  # two micro-batches of 4 samples
+        ...     last = xs is x.split(4)[-1]
+        ...     _ = opt.backward(((model(xs) - ys) ** 2).mean(dim=0), accumulate=not last)
+        >>> opt.step()
         """
+        if not isinstance(accumulate, bool):
+            raise TypeError(f"accumulate must be a bool, got {type(accumulate).__name__}")
+        exchange = current_exchange()
+        if exchange is not None or accumulate or self._pending is not None:
+            return self._combined_backward(losses, accumulate, exchange)
         scaler = self.grad_scaler
         scaling = scaler is not None and scaler.is_enabled()
         params = self._params()
@@ -257,20 +321,120 @@ class JacobianOptimizer(Optimizer):
             return self._write_aggregation(vector.detach(), params, jacobians)
 
     def _gramian_backward(self, vector: Tensor, params: list[Tensor]) -> Tensor:
-        scaler = self.grad_scaler
-        scaling = scaler is not None and scaler.is_enabled()
-        scale = scaler.get_scale() if scaling else 1.0
-        summed_only: frozenset[int] = frozenset()
-        if self.shared_params is not None:
-            summed_only = frozenset(id(p) for p in params) - {id(p) for p in self.shared_params}
-        try:
-            updates, _ = self.gramian_engine.gramian_step(
+        scale = self._scale()
+        summed_only = self._summed_only(params)
+        self._write_gramian_step(
+            lambda: self.gramian_engine.gramian_step(
                 vector,
                 params,
                 self.aggregator.weights_from_gramian,
                 summed_only=summed_only,
                 unscale=scale,
+            ),
+            params,
+        )
+        return vector.detach()
+
+    def _scale(self) -> float:
+        scaler = self.grad_scaler
+        return scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
+
+    def _summed_only(self, params: list[Tensor]) -> frozenset[int]:
+        if self.shared_params is None:
+            return frozenset()
+        return frozenset(id(p) for p in params) - {id(p) for p in self.shared_params}
+
+    def _combined_backward(
+        self,
+        losses: Tensor | list[Tensor] | tuple[Tensor, ...],
+        accumulate: bool,
+        exchange: Exchange | None,
+    ) -> Tensor:
+        """Accumulate a micro-batch, or combine the kept ones (and the ranks) and aggregate."""
+        params = self._params()
+        if not params:
+            raise ValueError("the wrapped optimizer holds no parameter that requires grad")
+        scaler = self.grad_scaler
+        scaling = scaler is not None and scaler.is_enabled()
+        scale = self._scale()
+        summed_only = self._summed_only(params)
+        pieces = (
+            isinstance(self.gramian_engine, PerSampleEngine)
+            and isinstance(self.aggregator, GramianWeightedAggregator)
+            and self.cross_rank == "concat"
+        )
+        pending, self._pending = self._pending, None
+        if pending is None:
+            summed = [id(p) in summed_only for p in params]
+            pending = [] if pieces else JacobianAccumulator(self.cross_rank, summed)
+        elif isinstance(pending, list) != pieces:
+            raise RuntimeError("the aggregator or the parameters changed during accumulation")
+        error, vector = None, None
+        try:
+            with torch.enable_grad():
+                vector = as_loss_vector(losses, check_finite=not scaling)
+                if pieces:
+                    pending.append(
+                        self.gramian_engine.collect(
+                            vector, params, summed_only=summed_only, unscale=scale
+                        )
+                    )
+                else:
+                    if self.gramian_engine is not None:
+                        self.gramian_engine.clear()  # the Jacobian path serves this step
+                    jacobians = self.engine.jacobians(vector, params)
+                    pending.add(
+                        vector.shape[0],
+                        [
+                            j.sum(dim=0, keepdim=True)
+                            if j is not None and id(p) in summed_only
+                            else j
+                            for p, j in zip(params, jacobians, strict=True)
+                        ],
+                    )
+        except Exception as e:
+            if exchange is None or accumulate:
+                raise
+            error = e  # raised on every rank by the exchange below
+        if accumulate:
+            self._pending = pending
+            return vector.detach()
+        if exchange is not None and not self._ranks_synced:
+            exchange.sync_state(self.aggregator)
+            self._ranks_synced = True
+        if not pieces:
+            blocks = pending.result(params, exchange, error)
+            with torch.no_grad():
+                self._write_aggregation(vector.detach(), params, blocks)
+        else:
+            gather = signatures = None
+            if exchange is not None:
+                local = None if error is not None else [p.signature(params) for p in pending]
+                signatures = exchange.agree(local, error)
+                gather = exchange.gather
+            self._write_gramian_step(
+                lambda: combine_parts(
+                    pending,
+                    params,
+                    self.aggregator.weights_from_gramian,
+                    summed_only,
+                    gather=gather,
+                    signatures=signatures,
+                ),
+                params,
             )
+        if exchange is not None:
+            self.cross_rank_bytes = exchange.bytes_sent
+        return vector.detach()
+
+    def _write_gramian_step(
+        self, run: Callable[[], tuple[list[Tensor | None], Tensor]], params: list[Tensor]
+    ) -> None:
+        scaler = self.grad_scaler
+        scaling = scaler is not None and scaler.is_enabled()
+        scale = self._scale()
+        try:
+            updates, _ = run()
             reached = [(p, u) for p, u in zip(params, updates, strict=True) if u is not None]
             # One host sync: a NaN or inf in any update makes its sum non-finite.
             if reached and not bool(
@@ -283,10 +447,9 @@ class JacobianOptimizer(Optimizer):
             # Overflow under a GradScaler: non-finite .grad makes scaler.step skip the step.
             with torch.no_grad():
                 self._write_grads([(p, torch.full_like(p, float("inf"))) for p in params])
-            return vector.detach()
+            return
         with torch.no_grad():
             self._write_grads([(p, u * scale) for p, u in reached])
-        return vector.detach()
 
     def _write_aggregation(
         self, vector: Tensor, params: list[Tensor], jacobians: list[Tensor | None]

@@ -1,0 +1,263 @@
+"""What crosses ranks, and how: the collectives of a Jacobian step under ``torch.distributed``.
+
+Every rank computes its local losses and their Jacobian (or, with the per-sample engine, the small
+per-layer pieces of it). One exchange per optimizer step then gives every rank the same global
+Jacobian (or Gramian), so every rank runs the same aggregation on the same numbers and writes the
+same ``.grad``. Two ways to form the global loss vector:
+
+``"mean"``
+    The global losses are the means over ranks of the local loss vectors (each rank estimates the
+    same ``m`` objectives, as DDP averages gradients). The global Jacobian is the mean of the
+    local ones: one ``all_reduce`` of the ``m × n`` Jacobian blocks.
+``"concat"``
+    The global losses are the local vectors concatenated in rank order (one loss per sample of
+    the global batch). The Jacobian path gathers every rank's rows (``all_gather``); the
+    per-sample engine gathers only layer inputs and output gradients.
+
+Micro-batches of gradient accumulation combine in the same way, before the ranks do: averaged
+under ``"mean"``, rows stacked in call order under ``"concat"``.
+
+Collectives run in a fixed order on a fixed parameter list. Before any tensor crosses, the ranks
+exchange a small signature (numbers of losses, which parameters the losses reach, shapes) and
+any error raised locally, so that a failure on one rank raises on every rank instead of leaving
+the others waiting in a collective.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+Mode = Literal["mean", "concat"]
+
+
+class PeerRankError(RuntimeError):
+    """Another rank failed during the local part of the step; this rank stops with it."""
+
+
+def current_exchange() -> Exchange | None:
+    """An :class:`Exchange` over the default process group, or ``None`` outside of one.
+
+    ``None`` when ``torch.distributed`` is unavailable, not initialised, or has one process.
+    """
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() <= 1:
+        return None
+    return Exchange()
+
+
+class Exchange:
+    """The collectives of one optimizer step over the default process group.
+
+    Attributes
+    ----------
+    rank, world_size:
+        This process's rank and the number of processes.
+    bytes_sent:
+        Payload bytes this rank contributed to the tensor collectives so far (padding included,
+        the small signatures exchanged with ``all_gather_object`` excluded).
+    """
+
+    def __init__(self) -> None:
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.bytes_sent = 0
+
+    def agree(self, signature: Any, error: BaseException | None) -> list[Any]:
+        """Exchange every rank's ``signature`` (any picklable value) and local failure.
+
+        Raises ``error`` on the rank where it happened and :class:`PeerRankError` on the others;
+        otherwise returns the signatures in rank order.
+        """
+        message = None if error is None else f"{type(error).__name__}: {error}"
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, (message, signature))
+        if error is not None:
+            raise error
+        for rank, (failure, _) in enumerate(gathered):
+            if failure is not None:
+                raise PeerRankError(f"rank {rank} failed during the step: {failure}")
+        return [sig for _, sig in gathered]
+
+    def sync_state(self, obj: Any) -> None:
+        """Give ``obj`` (an aggregator) rank 0's state, as DDP gives every rank its parameters."""
+        get = getattr(obj, "state_dict", None)
+        state = {} if get is None else get()
+        if not state:
+            return
+        box = [state]
+        dist.broadcast_object_list(box, src=0)
+        if self.rank != 0:
+            obj.load_state_dict(box[0])
+
+    def gather(self, tensors: Sequence[Tensor]) -> list[list[Tensor]]:
+        """Every rank's ``tensors``, in rank order (same count and dtypes; shapes may differ).
+
+        Tensors of one dtype travel as one flat buffer, padded to the longest rank's: one
+        ``all_gather`` per dtype, after one ``all_gather_object`` of the shapes.
+        """
+        described = [(str(t.dtype), tuple(t.shape)) for t in tensors]
+        shapes: list[Any] = [None] * self.world_size
+        dist.all_gather_object(shapes, described)
+        kinds = [[d for d, _ in rank] for rank in shapes]
+        if any(k != kinds[0] for k in kinds):
+            raise RuntimeError(
+                "the ranks disagree on the tensors to exchange (count or dtypes): "
+                f"{[len(k) for k in kinds]} tensors of dtypes {[sorted(set(k)) for k in kinds]}"
+            )
+        result: list[list[Tensor | None]] = [[None] * len(tensors) for _ in shapes]
+        for dtype in sorted(set(kinds[0])):
+            where = [i for i, d in enumerate(kinds[0]) if d == dtype]
+            sizes = [[_numel(rank[i][1]) for i in where] for rank in shapes]
+            longest = max(sum(s) for s in sizes)
+            local = torch.cat([tensors[i].reshape(-1) for i in where])
+            buffer = local.new_zeros(longest)
+            buffer[: local.numel()] = local
+            received = [torch.empty_like(buffer) for _ in shapes]
+            dist.all_gather(received, buffer)
+            self.bytes_sent += buffer.numel() * buffer.element_size()
+            for r, (flat, rank_sizes) in enumerate(zip(received, sizes, strict=True)):
+                chunks = flat[: sum(rank_sizes)].split(rank_sizes)
+                for i, chunk in zip(where, chunks, strict=True):
+                    result[r][i] = chunk.view(shapes[r][i][1])
+        return result  # type: ignore[return-value]
+
+    def mean(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """The mean over ranks of ``tensors`` (same shapes on every rank): one ``all_reduce``
+        per dtype."""
+        result: list[Tensor | None] = [None] * len(tensors)
+        for dtype in sorted({str(t.dtype) for t in tensors}):
+            where = [i for i, t in enumerate(tensors) if str(t.dtype) == dtype]
+            buffer = torch.cat([tensors[i].reshape(-1) for i in where])
+            dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+            self.bytes_sent += buffer.numel() * buffer.element_size()
+            buffer /= self.world_size
+            chunks = buffer.split([tensors[i].numel() for i in where])
+            for i, chunk in zip(where, chunks, strict=True):
+                result[i] = chunk.view(tensors[i].shape)
+        return result  # type: ignore[return-value]
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+class JacobianAccumulator:
+    """Combine Jacobians of several micro-batches (and ranks) into the global one.
+
+    Each part is ``(m, blocks)``: per parameter, ``None`` (not reached) or its block, ``[m,
+    *p.shape]`` for an aggregated parameter and ``[1, *p.shape]`` (the summed gradient) for one in
+    ``summed``. Under ``"mean"`` the blocks are averaged (a running sum: the memory of one part);
+    under ``"concat"`` the rows of aggregated parameters are stacked and the summed gradients
+    added.
+
+    Parameters
+    ----------
+    mode:
+        ``"mean"`` or ``"concat"``.
+    summed:
+        Per parameter, whether it only gets the summed gradient.
+    """
+
+    def __init__(self, mode: Mode, summed: Sequence[bool]) -> None:
+        self.mode = mode
+        self.summed = list(summed)
+        self.count = 0
+        self._m: list[int] = []
+        self._parts: list[list[Tensor | None]] = []  # concat: every part; mean: the running sum
+
+    def add(self, m: int, blocks: Sequence[Tensor | None]) -> None:
+        """Add the Jacobian blocks of one micro-batch of ``m`` losses."""
+        if len(blocks) != len(self.summed):
+            raise ValueError(
+                f"got {len(blocks)} Jacobian blocks for {len(self.summed)} parameters: the "
+                "parameters changed during gradient accumulation"
+            )
+        if self.mode == "mean" and self._m and m != self._m[0]:
+            raise ValueError(
+                f"cross_rank='mean' averages micro-batches with the same number of losses: got "
+                f"{m} losses after {self._m[0]} (use cross_rank='concat' for per-sample losses)"
+            )
+        self.count += 1
+        self._m.append(m)
+        if self.mode == "concat" or not self._parts:
+            self._parts.append(list(blocks))
+            return
+        total = self._parts[0]
+        for k, b in enumerate(blocks):
+            if b is not None:
+                total[k] = b if total[k] is None else total[k] + b
+
+    def result(
+        self, params: Sequence[Tensor], exchange: Exchange | None, error: BaseException | None
+    ) -> list[Tensor | None]:
+        """The global blocks, after the exchange over ranks (``None``: single process).
+
+        Under an exchange, ``error`` (a failure of this rank's local part) is raised on every rank.
+        """
+        if exchange is None and error is not None:
+            raise error
+        blocks = self._local(params) if error is None else []
+        m = sum(self._m) if self.mode == "concat" else (self._m[0] if self._m else 0)
+        if exchange is None:
+            return blocks
+        reached = tuple(b is not None for b in blocks)
+        signatures = exchange.agree((m, reached), error)
+        ms = [sig[0] for sig in signatures]
+        if self.mode == "mean" and len(set(ms)) != 1:
+            raise ValueError(
+                f"cross_rank='mean' averages loss vectors of the same length on every rank, got "
+                f"{ms} losses on ranks 0..{len(ms) - 1} (use cross_rank='concat' for per-sample "
+                "losses)"
+            )
+        wanted = [any(sig[1][k] for sig in signatures) for k in range(len(params))]
+        rows = [1 if self.summed[k] else m for k in range(len(params))]
+        sent = [_filled(blocks[k], rows[k], params[k]) for k in range(len(params)) if wanted[k]]
+        if self.mode == "mean":
+            received = iter(exchange.mean(sent))
+            return [next(received) if w else None for w in wanted]
+        per_rank = exchange.gather(sent)
+        out: list[Tensor | None] = []
+        position = 0
+        for k, w in enumerate(wanted):
+            if not w:
+                out.append(None)
+                continue
+            pieces = [rank[position] for rank in per_rank]
+            position += 1
+            out.append(_sum(pieces) if self.summed[k] else torch.cat(pieces))
+        return out
+
+    def _local(self, params: Sequence[Tensor]) -> list[Tensor | None]:
+        if self.mode == "mean":
+            return [None if b is None else b / self.count for b in self._parts[0]]
+        out: list[Tensor | None] = []
+        for k, p in enumerate(params):
+            column = [part[k] for part in self._parts]
+            if all(b is None for b in column):
+                out.append(None)
+            elif self.summed[k]:
+                out.append(_sum([b for b in column if b is not None]))
+            else:
+                out.append(
+                    torch.cat([_filled(b, m, p) for b, m in zip(column, self._m, strict=True)])
+                )
+        return out
+
+
+def _filled(block: Tensor | None, rows: int, param: Tensor) -> Tensor:
+    """``block``, or zeros of its shape when this part does not reach the parameter."""
+    return param.new_zeros((rows, *param.shape)) if block is None else block
+
+
+def _sum(tensors: Sequence[Tensor]) -> Tensor:
+    total = tensors[0]
+    for t in tensors[1:]:
+        total = total + t
+    return total
