@@ -92,17 +92,14 @@ def project_weights_quadprog(gramian: Tensor, targets: Tensor) -> Tensor:
 
     Examples
     --------
-    Two conflicting gradients ``(1, 0)`` and ``(-1, 1)``: projecting the first onto the dual cone
-    adds half of the second to it; projecting the second adds all of the first.
+    Duplicated rows make the Gramian singular; the projection is still exact. Projecting
+    ``(-1, 1)`` onto the dual cone of ``{(1, 0), (1, 0), (-1, 1)}`` adds ``(1, 0)`` once in all:
 
     >>> import torch
-    >>> J = torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=torch.float64)
-    >>> w = project_weights_quadprog(J @ J.T, torch.eye(2, dtype=torch.float64))
-    >>> w
-    tensor([[1.0000, 0.5000],
-            [1.0000, 1.0000]], dtype=torch.float64)
-    >>> J @ (w[0] @ J)  # no row conflicts with the projection
-    tensor([0.5000, 0.0000], dtype=torch.float64)
+    >>> J = torch.tensor([[1.0, 0.0], [1.0, 0.0], [-1.0, 1.0]], dtype=torch.float64)
+    >>> w = project_weights_quadprog(J @ J.T, torch.tensor([[0.0, 0.0, 1.0]], dtype=torch.float64))
+    >>> w[0] @ J
+    tensor([0., 1.], dtype=torch.float64)
     """
     m = gramian.shape[0]
     eps = float(torch.finfo(gramian.dtype).eps)
