@@ -83,26 +83,47 @@ _BACKUP_BUDGET = 3  # Kim & Park's "p̄": full exchanges allowed without progres
 _REFINEMENTS = 1  # Iterative refinements of each free-set solve.
 _FISTA_STEPS = 12  # Steps of the starting guess.
 _CHECK_EVERY = 4  # Off CPU, read convergence back every this many iterations.
+_CHUNK_ELEMENTS = 2**22  # Problems per batched solve: their [chunk, f, m] rows stay under this.
 
 
 def _solve_free(gramian: Tensor, targets: Tensor, free: Tensor, compact: bool) -> Tensor:
-    """Return ``v`` with ``v_Z = u_Z`` and ``(G v)_F = 0``, for each problem of the batch."""
+    """Return ``v`` with ``v_Z = u_Z`` and ``(G v)_F = 0``, for each problem of the batch.
+
+    The problems are solved in chunks, so that the gathered blocks (``[chunk, f, m]`` rows,
+    ``[chunk, f, f]`` blocks) stay within a few tens of MiB however large ``k`` and ``m`` are.
+    """
+    batch, m = free.shape
+    size = int(free.sum(dim=1).max()) if compact else m
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, size * m))
+    if batch <= chunk:
+        return _solve_chunk(gramian, targets, free, size)
+    return torch.cat(
+        [
+            _solve_chunk(gramian, u, f, size)
+            for u, f in zip(targets.split(chunk), free.split(chunk), strict=True)
+        ]
+    )
+
+
+def _solve_chunk(gramian: Tensor, targets: Tensor, free: Tensor, size: int) -> Tensor:
     batch, m = free.shape
     fixed_part = torch.where(free, torch.zeros_like(targets), targets)
-    size = int(free.sum(dim=1).max()) if compact else m
     if batch == 0 or size == 0:
         return fixed_part
     counts = free.sum(dim=1, keepdim=True)
-    # Free indices first, in increasing order (stable sort of the fixed-indicator); the padding
-    # (fixed indices) becomes an identity block.
+    # Free indices first, in increasing order (stable sort of the fixed-indicator). The padding
+    # points at an extra zero row and column ``m``, and gets a unit diagonal: the blocks come
+    # padded with an identity block.
     order = torch.sort((~free).to(torch.uint8), dim=1, stable=True).indices[:, :size]
     valid = torch.arange(size, device=free.device) < counts  # [batch, size]
-    pair = valid.unsqueeze(2) & valid.unsqueeze(1)
-    rows = gramian.index_select(0, order.flatten()).view(batch, size, m)
-    block = rows.gather(2, order.unsqueeze(1).expand(batch, size, size)) * pair
-    block = block + torch.diag_embed((~valid).to(block.dtype))
+    padded = torch.where(valid, order, m)
+    extended = torch.nn.functional.pad(gramian, (0, 1, 0, 1))
+    rows = extended.index_select(0, padded.flatten()).view(batch, size, m + 1)
+    block = rows.gather(2, padded.unsqueeze(1).expand(batch, size, size))
+    block.diagonal(dim1=1, dim2=2).add_(~valid)
     factor = torch.linalg.cholesky(block)
-    rhs = (-(fixed_part @ gramian).gather(1, order) * valid).unsqueeze(2)
+    products = torch.nn.functional.pad(-(fixed_part @ gramian), (0, 1))
+    rhs = products.gather(1, padded).unsqueeze(2)
 
     def solve(b: Tensor) -> Tensor:
         y = torch.linalg.solve_triangular(factor, b, upper=False)
