@@ -86,6 +86,11 @@ _CHECK_EVERY = 4  # Off CPU, read convergence back every this many iterations.
 _CHUNK_ELEMENTS = 2**22  # Problems per batched solve: their [chunk, f, m] rows stay under this.
 
 
+def _reads_are_free(device: torch.device) -> bool:
+    """Whether reading a value back to the host costs nothing (no device synchronisation)."""
+    return device.type == "cpu"
+
+
 def _solve_free(gramian: Tensor, targets: Tensor, free: Tensor, compact: bool) -> Tensor:
     """Return ``v`` with ``v_Z = u_Z`` and ``(G v)_F = 0``, for each problem of the batch.
 
@@ -219,7 +224,7 @@ def project_weights(gramian: Tensor, targets: Tensor, *, max_iter: int = 30) -> 
     if m == 0 or k == 0:
         return u.to(dtype)
     eps = torch.finfo(dtype).eps
-    compact = device.type == "cpu"
+    compact = _reads_are_free(device)
 
     g = gramian.detach().to(work)
     g = (g + g.mT) / 2

@@ -138,6 +138,22 @@ def test_quadprog_only_for_singular_gramians(monkeypatch, kind: str, uses_quadpr
     assert _error(jacobian, weights, list(range(64))) < 1e-6
 
 
+@pytest.mark.parametrize("fista_steps", [0, 12])
+def test_device_path_on_cpu(monkeypatch, fista_steps: int) -> None:
+    """The path used off CPU (full-size blocks, convergence read every few iterations).
+
+    Without the FISTA start, the iteration needs several exchanges (and convergence checks).
+    """
+    monkeypatch.setattr("jdoptim.linalg._active_set._reads_are_free", lambda device: False)
+    monkeypatch.setattr("jdoptim.linalg._active_set._FISTA_STEPS", fista_steps)
+    jacobian = _jacobian("random", 64)
+    for dtype, tol in ((torch.float64, 1e-6), (torch.float32, 1e-4)):
+        gramian = (jacobian @ jacobian.T).to(dtype)
+        weights = project_weights(gramian, torch.eye(64, dtype=dtype))
+        assert weights.dtype == dtype
+        assert _error(jacobian, weights, list(range(64))) < tol
+
+
 def test_rejects_bad_shapes() -> None:
     with pytest.raises(ValueError, match="square"):
         project_weights(torch.zeros(3, 4), torch.zeros(1, 3))
