@@ -8,8 +8,6 @@ the combination are recomputed here in numpy.
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
@@ -77,27 +75,6 @@ def test_not_permutation_invariant_for_given_draws():
     j = torch.from_numpy(_inputs.random(4, 5, 7))
     permutation = torch.tensor([1, 2, 3, 0])
     assert not torch.allclose(Random(seed=1)(j[permutation]), Random(seed=1)(j))
-
-
-def test_seed_reproduces_state_round_trip_and_reset():
-    j = torch.from_numpy(_inputs.random(5, 4, 8))
-    a, b = Random(seed=3), Random(seed=3)
-    outputs = [a(j) for _ in range(3)]
-    assert all(torch.equal(b(j), o) for o in outputs)
-    assert len({tuple(o.tolist()) for o in outputs}) == 3  # fresh draws per call
-    saved = copy.deepcopy(a.state_dict())
-    expected = [a(j) for _ in range(2)]
-    fresh = Random(seed=1234)
-    fresh.load_state_dict(saved)
-    assert all(torch.equal(fresh(j), e) for e in expected)
-    a.reset()
-    assert torch.equal(a(j), outputs[0])
-    torch.manual_seed(0)
-    c = Random()
-    torch.manual_seed(0)
-    assert torch.equal(c(j), Random()(j))
-    with pytest.raises(KeyError, match="missing keys"):
-        fresh.load_state_dict({})
 
 
 def test_gramian_path_uses_the_same_draws():
