@@ -20,6 +20,9 @@ def _jacobian(kind: str, m: int, seed: int = 0) -> torch.Tensor:
     if kind == "duplicated":
         base = torch.randn(m // 2, 3 * m, generator=gen, dtype=f64)
         return torch.cat([base, base[: m - m // 2]])
+    if kind == "mostly_conflicting":  # pairwise conflicts: nearly every row is added
+        base = torch.eye(m, dtype=f64) - 1.5 / m
+        return torch.cat([base, 1e-3 * torch.randn(m, 2 * m, generator=gen, dtype=f64)], dim=1)
     if kind == "ill_conditioned":  # condition number of G: 1e8
         q1, _ = torch.linalg.qr(torch.randn(m, m, generator=gen, dtype=f64))
         q2, _ = torch.linalg.qr(torch.randn(3 * m, m, generator=gen, dtype=f64))
@@ -54,6 +57,7 @@ CASES = [
     ("rank_deficient", 64),
     ("duplicated", 32),
     ("ill_conditioned", 64),
+    ("mostly_conflicting", 64),
 ]
 
 
