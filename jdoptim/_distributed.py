@@ -25,12 +25,15 @@ the others waiting in a collective.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from jdoptim.engine._reduce import total
 
 Mode = Literal["mean", "concat"]
 
@@ -111,7 +114,7 @@ class Exchange:
         result: list[list[Tensor | None]] = [[None] * len(tensors) for _ in shapes]
         for dtype in sorted(set(kinds[0])):
             where = [i for i, d in enumerate(kinds[0]) if d == dtype]
-            sizes = [[_numel(rank[i][1]) for i in where] for rank in shapes]
+            sizes = [[math.prod(rank[i][1]) for i in where] for rank in shapes]
             longest = max(sum(s) for s in sizes)
             local = torch.cat([tensors[i].reshape(-1) for i in where])
             buffer = local.new_zeros(longest)
@@ -139,13 +142,6 @@ class Exchange:
             for i, chunk in zip(where, chunks, strict=True):
                 result[i] = chunk.view(tensors[i].shape)
         return result  # type: ignore[return-value]
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 class JacobianAccumulator:
@@ -231,7 +227,7 @@ class JacobianAccumulator:
                 continue
             pieces = [rank[position] for rank in per_rank]
             position += 1
-            out.append(_sum(pieces) if self.summed[k] else torch.cat(pieces))
+            out.append(total(pieces) if self.summed[k] else torch.cat(pieces))
         return out
 
     def _local(self, params: Sequence[Tensor]) -> list[Tensor | None]:
@@ -243,7 +239,7 @@ class JacobianAccumulator:
             if all(b is None for b in column):
                 out.append(None)
             elif self.summed[k]:
-                out.append(_sum([b for b in column if b is not None]))
+                out.append(total([b for b in column if b is not None]))
             else:
                 out.append(
                     torch.cat([_filled(b, m, p) for b, m in zip(column, self._m, strict=True)])
@@ -254,10 +250,3 @@ class JacobianAccumulator:
 def _filled(block: Tensor | None, rows: int, param: Tensor) -> Tensor:
     """``block``, or zeros of its shape when this part does not reach the parameter."""
     return param.new_zeros((rows, *param.shape)) if block is None else block
-
-
-def _sum(tensors: Sequence[Tensor]) -> Tensor:
-    total = tensors[0]
-    for t in tensors[1:]:
-        total = total + t
-    return total

@@ -35,6 +35,7 @@ from jdoptim.engine._graph import leaf_uses
 from jdoptim.engine._per_sample import NonFiniteGramianError
 from jdoptim.engine._recording import RecordingEngine
 from jdoptim.engine._reduce import gramian as jacobian_gramian
+from jdoptim.engine._reduce import total
 
 
 class _LinearCall:
@@ -155,9 +156,7 @@ class LayerGramianEngine(RecordingEngine):
             blocks.append(jacobian_gramian(aggregated))
         if not blocks:  # only parameters in summed_only are reached
             raise ValueError("the losses do not depend on any of the shared_params")
-        gram = blocks[0]
-        for block in blocks[1:]:
-            gram = gram + block
+        gram = total(blocks)
         if not bool(torch.isfinite(gram).all()):
             raise NonFiniteGramianError("the gradients hold NaN or inf")
         weights = weights_from_gramian(gram)

@@ -22,6 +22,7 @@ from torch.utils.hooks import RemovableHandle
 from jdoptim.engine._layer_rules import PerSample, mixes_samples, mixing_error, rule_for
 from jdoptim.engine._recording import RecordingEngine
 from jdoptim.engine._reduce import gramian as jacobian_gramian
+from jdoptim.engine._reduce import total
 
 
 class NonFiniteGramianError(ValueError):
@@ -413,9 +414,7 @@ def _finish(
         blocks = [*blocks, jacobian_gramian(list(rows.values()))]
     if not blocks:
         raise ValueError("the losses do not depend on any parameter of the Jacobian")
-    gram = blocks[0]
-    for block in blocks[1:]:
-        gram = gram + block
+    gram = total(blocks)
     if not bool(torch.isfinite(gram).all()):
         raise NonFiniteGramianError("the per-sample gradients hold NaN or inf")
     weights = weights_from_gramian(gram)
@@ -424,10 +423,7 @@ def _finish(
     for k, j in rows.items():
         updates[k] = torch.tensordot(weights, j, dims=1)
     for k, parts in sums.items():
-        total = parts[0]
-        for g in parts[1:]:
-            total = total + g
-        updates[k] = total
+        updates[k] = total(parts)
     return updates, gram
 
 

@@ -10,6 +10,14 @@ from torch import Tensor
 from jdoptim.aggregation._bases import GramianWeightedAggregator
 
 
+def total(tensors: Sequence[Tensor]) -> Tensor:
+    """Return the sum of a non-empty sequence of tensors of one shape."""
+    result = tensors[0]
+    for t in tensors[1:]:
+        result = result + t
+    return result
+
+
 def gramian(jacobians: Sequence[Tensor]) -> Tensor:
     """Return ``G = Σ_k J_k J_kᵀ`` for blocks ``J_k`` of shape ``[m, *shape_k]``."""
     blocks = [j.reshape(j.shape[0], -1) for j in jacobians]
