@@ -98,7 +98,7 @@ def _reads_are_free(device: torch.device) -> bool:
 
 
 def _kkt_point(
-    gramian: Tensor, inverse: Tensor, targets: Tensor, free: Tensor, compact: bool
+    gramian: Tensor, inverse: Tensor | None, targets: Tensor, free: Tensor, compact: bool
 ) -> Tensor:
     """Return ``v`` with ``v_Z = u_Z`` and ``(G v)_F = 0``, for each problem of the batch.
 
@@ -106,12 +106,12 @@ def _kkt_point(
     ``G_FF v_F = -G_FZ u_Z``; on the fixed set, ``v = H_{:Z} x`` with ``H = G⁻¹`` and
     ``H_ZZ x = u_Z`` (``x`` is then ``λ_Z``). When nearly every row is added (per-sample
     Gramians early in training: 62 of 64), the second form solves ``2 x 2`` systems instead of
-    ``62 x 62`` ones. Off CPU (no reads) the first form is used.
+    ``62 x 62`` ones. Off CPU (no reads, ``inverse`` is ``None``) the first form is used.
     """
     m = free.shape[1]
     n_free = int(free.sum(dim=1).max()) if compact else m
     n_fixed = int((~free).sum(dim=1).max()) if compact else m
-    if n_fixed < n_free:
+    if inverse is not None and n_fixed < n_free:
         return _block_solve(inverse, targets, ~free, n_fixed) @ inverse
     fixed_part = torch.where(free, torch.zeros_like(targets), targets)
     return fixed_part + _block_solve(gramian, -(fixed_part @ gramian), free, n_free)
@@ -255,7 +255,8 @@ def project_weights(gramian: Tensor, targets: Tensor, *, max_iter: int = 30) -> 
     eigenvalues = torch.linalg.eigvalsh(g)
     if not bool(eigenvalues[0] > eps**0.5 * eigenvalues[-1]):  # singular or ill-conditioned
         return project_weights_quadprog(gramian.detach(), targets.detach().to(dtype))
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(g))
+    # G⁻¹ serves the fixed-set form, which needs the set sizes read back: CPU only.
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(g)) if compact else None
     tol_factor = 10 * m * torch.finfo(work).eps
 
     free = _starting_free_set(g, u, eigenvalues[-1])
