@@ -301,14 +301,14 @@ class JacobianOptimizer(Optimizer):
         """
         if not isinstance(accumulate, bool):
             raise TypeError(f"accumulate must be a bool, got {type(accumulate).__name__}")
-        exchange = current_exchange()
-        if exchange is not None or accumulate or self._pending is not None:
-            return self._combined_backward(losses, accumulate, exchange)
-        scaler = self.grad_scaler
-        scaling = scaler is not None and scaler.is_enabled()
         params = self._params()
         if not params:
             raise ValueError("the wrapped optimizer holds no parameter that requires grad")
+        exchange = current_exchange()
+        if exchange is not None or accumulate or self._pending is not None:
+            return self._combined_backward(losses, params, accumulate, exchange)
+        scaler = self.grad_scaler
+        scaling = scaler is not None and scaler.is_enabled()
         with torch.enable_grad():
             # Under an enabled GradScaler, non-finite losses are an overflow: the scaler skips.
             vector = as_loss_vector(losses, check_finite=not scaling)
@@ -347,13 +347,11 @@ class JacobianOptimizer(Optimizer):
     def _combined_backward(
         self,
         losses: Tensor | list[Tensor] | tuple[Tensor, ...],
+        params: list[Tensor],
         accumulate: bool,
         exchange: Exchange | None,
     ) -> Tensor:
         """Accumulate a micro-batch, or combine the kept ones (and the ranks) and aggregate."""
-        params = self._params()
-        if not params:
-            raise ValueError("the wrapped optimizer holds no parameter that requires grad")
         scaler = self.grad_scaler
         scaling = scaler is not None and scaler.is_enabled()
         scale = self._scale()
