@@ -14,14 +14,7 @@ from torch import Tensor, nn
 
 from jdoptim import JacobianOptimizer
 from jdoptim.aggregation import Aggregator, GramianWeightedAggregator, Weighting
-
-ROUTES = {
-    "jacobian": ({}, False),
-    "samples": ({"batch_dim": 0}, False),
-    "layers": ({"path": "gramian"}, False),
-    "accumulated_jacobian": ({"cross_rank": "concat"}, True),
-    "accumulated_samples": ({"batch_dim": 0}, True),
-}
+from tests.test_optimizer_params import ROUTES
 
 
 class _CountingWeighting(Weighting):

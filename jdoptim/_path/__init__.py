@@ -94,7 +94,7 @@ class Path:
         # combine, weigh, write
         weigh = Weigh(setup.aggregator)
         try:
-            updates = pending.weighed(params, weigh, exchange, error)
+            updates = pending.weighed(weigh, exchange, error)
             check_finite_updates(params, updates)
         except (NonFiniteError, NonFiniteGramianError):
             weigh.rollback()

@@ -22,6 +22,7 @@ from jdoptim.engine._per_sample import SamplePart, combine_parts
 from jdoptim.engine._reduce import total
 
 Updates = list[Tensor | None]
+Failure = BaseException | None  # this rank's local failure, raised on every rank
 
 
 class JacobianParts:
@@ -29,6 +30,8 @@ class JacobianParts:
 
     Parameters
     ----------
+    params:
+        The parameters, in the order of the blocks.
     mode:
         ``"mean"`` or ``"concat"``.
     summed:
@@ -37,7 +40,8 @@ class JacobianParts:
 
     route: Route = "jacobian"
 
-    def __init__(self, mode: Mode, summed: Sequence[bool]) -> None:
+    def __init__(self, params: Sequence[Tensor], mode: Mode, summed: Sequence[bool]) -> None:
+        self.params = list(params)
         self.mode = mode
         self.summed = list(summed)
         self.count = 0
@@ -67,23 +71,16 @@ class JacobianParts:
             if b is not None:
                 running[k] = b if running[k] is None else running[k] + b
 
-    def weighed(
-        self,
-        params: Sequence[Tensor],
-        weigh: Weigh,
-        exchange: Exchange | None,
-        error: BaseException | None,
-    ) -> Updates:
+    def weighed(self, weigh: Weigh, exchange: Exchange | None, error: Failure) -> Updates:
         """The updates from the global Jacobian blocks."""
-        return weigh.jacobian(self.result(params, exchange, error), self.summed)
+        return weigh.jacobian(self.result(exchange, error), self.summed)
 
-    def result(
-        self, params: Sequence[Tensor], exchange: Exchange | None, error: BaseException | None
-    ) -> list[Tensor | None]:
+    def result(self, exchange: Exchange | None, error: Failure) -> list[Tensor | None]:
         """The global blocks, after the exchange over ranks (``None``: single process)."""
         if exchange is None and error is not None:
             raise error
-        blocks = self._local(params) if error is None else []
+        params = self.params
+        blocks = self._local() if error is None else []
         m = sum(self._m) if self.mode == "concat" else (self._m[0] if self._m else 0)
         if exchange is None:
             return blocks
@@ -114,13 +111,13 @@ class JacobianParts:
             out.append(total(pieces) if self.summed[k] else torch.cat(pieces))
         return out
 
-    def _local(self, params: Sequence[Tensor]) -> list[Tensor | None]:
+    def _local(self) -> list[Tensor | None]:
         if self.count == 1:  # the plain step: nothing to combine, nothing copied
             return self._parts[0]
         if self.mode == "mean":
             return [None if b is None else b / self.count for b in self._parts[0]]
         out: list[Tensor | None] = []
-        for k, p in enumerate(params):
+        for k, p in enumerate(self.params):
             column = [part[k] for part in self._parts]
             if all(b is None for b in column):
                 out.append(None)
@@ -138,7 +135,8 @@ class SampleParts:
 
     route: Route = "samples"
 
-    def __init__(self, summed_only: frozenset[int]) -> None:
+    def __init__(self, params: Sequence[Tensor], summed_only: frozenset[int]) -> None:
+        self.params = list(params)
         self.summed_only = summed_only
         self.parts: list[SamplePart] = []
 
@@ -146,24 +144,18 @@ class SampleParts:
         """Keep the pieces of one micro-batch."""
         self.parts.append(part)
 
-    def weighed(
-        self,
-        params: Sequence[Tensor],
-        weigh: Weigh,
-        exchange: Exchange | None,
-        error: BaseException | None,
-    ) -> Updates:
+    def weighed(self, weigh: Weigh, exchange: Exchange | None, error: Failure) -> Updates:
         """The updates from the Gramian of the concatenated losses (the engine forms it)."""
         gather = signatures = None
         if exchange is not None:
-            local = None if error is not None else [p.signature(params) for p in self.parts]
+            local = None if error is not None else [p.signature(self.params) for p in self.parts]
             signatures = exchange.agree(local, error)
             gather = exchange.gather
         elif error is not None:
             raise error
         updates, _ = combine_parts(
             self.parts,
-            params,
+            self.params,
             weigh.weights,
             self.summed_only,
             gather=gather,
@@ -184,13 +176,7 @@ class LayerParts:
         """Keep the deferred pass."""
         self.part = part
 
-    def weighed(
-        self,
-        params: Sequence[Tensor],
-        weigh: Weigh,
-        exchange: Exchange | None,
-        error: BaseException | None,
-    ) -> Updates:
+    def weighed(self, weigh: Weigh, exchange: Exchange | None, error: Failure) -> Updates:
         """The updates of the engine's pass, weighed by ``weigh``."""
         if error is not None or self.part is None:
             raise error or RuntimeError("no layer-Gramian pass was collected")
@@ -205,10 +191,10 @@ def new_parts(
 ) -> Parts:
     """An empty container for the parts of ``route``."""
     if route == "samples":
-        return SampleParts(summed_only)
+        return SampleParts(params, summed_only)
     if route == "layers":
         return LayerParts()
-    return JacobianParts(mode, [id(p) in summed_only for p in params])
+    return JacobianParts(params, mode, [id(p) in summed_only for p in params])
 
 
 def _filled(block: Tensor | None, rows: int, param: Tensor) -> Tensor:
