@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
@@ -10,6 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from jdoptim._aggregator_state import load_with, state_of
 from jdoptim._path import Path, Setup
 from jdoptim._validation import check_options
 from jdoptim.aggregation import GramianWeightedAggregator, UPGrad
@@ -303,7 +303,7 @@ class JacobianOptimizer(Optimizer):
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         state_dict = self.optimizer.state_dict()
-        state_dict[_STATE_KEY] = {"aggregator": _aggregator_state(self.aggregator)}
+        state_dict[_STATE_KEY] = {"aggregator": state_of(self.aggregator)}
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, state_dict)
             if result is not None:
@@ -318,28 +318,8 @@ class JacobianOptimizer(Optimizer):
             if result is not None:
                 state_dict = result
         extra = state_dict.pop(_STATE_KEY, None)
-        aggregator_state = {} if extra is None else extra.get("aggregator", {})
-        if extra is None and _aggregator_state(self.aggregator):
-            raise KeyError(
-                f"the state dict has no {_STATE_KEY!r} key but {self.aggregator!r} is stateful"
-            )
-        load = getattr(self.aggregator, "load_state_dict", None)
-        if load is None and aggregator_state:
-            raise ValueError("the state dict holds aggregator state the aggregator cannot load")
-        # A failed load (aggregator or inner optimizer) leaves both as they were.
-        previous = copy.deepcopy(_aggregator_state(self.aggregator))
-        try:
-            if load is not None:
-                load(aggregator_state)
-            self.optimizer.load_state_dict(state_dict)
-        except BaseException:
-            if load is not None:
-                load(previous)
-            raise
+        load_with(
+            self.aggregator, extra, _STATE_KEY, lambda: self.optimizer.load_state_dict(state_dict)
+        )
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
-
-
-def _aggregator_state(aggregator: Callable[[Tensor], Tensor]) -> dict[str, Any]:
-    get = getattr(aggregator, "state_dict", None)
-    return {} if get is None else get()

@@ -8,13 +8,13 @@ which per-step diagnostics read; a failed step restores the aggregator's state.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor
 
+from jdoptim._aggregator_state import snapshot
 from jdoptim._validation import check_finite_jacobians
 from jdoptim.aggregation import GramianWeightedAggregator
 from jdoptim.engine._reduce import concat_rows, gramian, split_update, weighted_blocks
@@ -98,7 +98,4 @@ class Weigh:
             self.aggregator.load_state_dict(self._saved)  # type: ignore[attr-defined]
 
     def _save_state(self) -> None:
-        get = getattr(self.aggregator, "state_dict", None)
-        state = None if get is None else get()
-        if state:
-            self._saved = copy.deepcopy(state)
+        self._saved = snapshot(self.aggregator)
