@@ -92,7 +92,7 @@ class Path:
             self.ranks_synced = True
 
         # combine, weigh, write
-        weigh = Weigh(setup.aggregator)
+        weigh = Weigh(setup.aggregator, route)
         try:
             updates = pending.weighed(weigh, exchange, error)
             check_finite_updates(params, updates)

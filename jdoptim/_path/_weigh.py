@@ -36,8 +36,12 @@ class StepRecord:
         aggregator received the Jacobian matrix itself.
     weights:
         The weights ``[m]`` (``None`` for an aggregator that is not weight-based).
+    route:
+        How the Jacobian was differentiated: ``"jacobian"`` (batched VJPs), ``"samples"`` (the
+        per-sample engine) or ``"layers"`` (the layer-Gramian engine).
     """
 
+    route: str
     losses: Tensor | None = None
     m: int = 0
     gramian: Tensor | None = None
@@ -52,11 +56,13 @@ class Weigh:
     aggregator:
         The optimizer's aggregator: any callable ``[m, n] -> [n]``; a
         :class:`~jdoptim.aggregation.GramianWeightedAggregator` only sees the Gramian.
+    route:
+        The route of the path (kept in the record).
     """
 
-    def __init__(self, aggregator: Callable[[Tensor], Tensor]) -> None:
+    def __init__(self, aggregator: Callable[[Tensor], Tensor], route: str) -> None:
         self.aggregator = aggregator
-        self.record = StepRecord()
+        self.record = StepRecord(route)
         self._saved: dict[str, Any] | None = None
 
     def weights(self, gramian: Tensor) -> Tensor:
