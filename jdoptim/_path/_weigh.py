@@ -66,7 +66,11 @@ class Weigh:
         self._saved: dict[str, Any] | None = None
 
     def weights(self, gramian: Tensor) -> Tensor:
-        """The aggregator's weights ``[m]`` for the global ``gramian`` (engines call this)."""
+        """The aggregator's weights ``[m]`` for the global ``gramian`` (engines call this).
+
+        The weights come in the Gramian's dtype (the promotion of the blocks' dtypes: float64
+        when float32 and float64 parameters meet); a caller casts them to each block's dtype.
+        """
         self._save_state()
         weights = self.aggregator.weights_from_gramian(gramian)  # type: ignore[attr-defined]
         self.record.m, self.record.gramian, self.record.weights = gramian.shape[0], gramian, weights
