@@ -209,15 +209,19 @@ class JacobianOptimizer(Optimizer):
             return None
         params = self._params()
         saved_grads = [p.grad for p in params]
+        weighed = False
         try:
             with torch.enable_grad():
                 losses = closure()
             vector = self.backward(losses)
+            weighed = True
+            self.optimizer.step()  # one that raises before updating leaves everything as it was
         except BaseException:
             for p, g in zip(params, saved_grads, strict=True):
                 p.grad = g
+            if weighed:
+                self._path.undo()
             raise
-        self.optimizer.step()
         return vector
 
     def backward(
