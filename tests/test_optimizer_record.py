@@ -43,3 +43,22 @@ def test_an_aggregator_of_the_matrix_leaves_no_gramian_or_weights():
     opt.backward(_losses(model, x, y))
     record = opt._path.record
     assert (record.m, record.gramian, record.weights) == (6, None, None)
+
+
+@pytest.mark.parametrize("route", ["jacobian", "samples"])
+def test_a_step_skipped_on_overflow_keeps_the_previous_record(route):
+    model = _Net(torch.float32)
+    x, y = _digits(6, seed=6)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    opt = JacobianOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        UPGrad(),
+        grad_scaler=scaler,
+        **ROUTES[route][0],
+    )
+    opt.backward(scaler.scale(_losses(model, x, y)))
+    good = opt._path.record
+    opt.zero_grad()
+    opt.backward(scaler.scale(_losses(model, x, y)) * float("inf"))
+    assert all(not p.grad.isfinite().any() for p in model.parameters())  # the scaler skips
+    assert opt._path.record is good

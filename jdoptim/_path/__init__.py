@@ -102,6 +102,7 @@ class Path:
             if scale is None or error is not None:
                 raise
             write_overflow(params)  # the GradScaler's overflow: it skips the step
+            return vector.detach()  # type: ignore[union-attr]  # nothing weighed to record
         except BaseException:
             weigh.rollback()
             raise
