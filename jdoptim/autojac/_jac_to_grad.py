@@ -1,0 +1,113 @@
+"""``jac_to_grad``: aggregate the ``.jac`` fields of some tensors into their ``.grad`` fields."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from jdoptim.aggregation import GramianWeightedAggregator, WeightedAggregator
+from jdoptim.aggregation._bases import check_matrix
+from jdoptim.autojac._checks import as_tensors, check_distinct
+from jdoptim.engine._reduce import gramian
+
+
+def _jacobians(tensors: list[Tensor]) -> list[Tensor]:
+    missing = [i for i, t in enumerate(tensors) if getattr(t, "jac", None) is None]
+    if missing:
+        raise ValueError(
+            f"the tensors at positions {missing[:10]} hold no .jac field: call backward() or "
+            "mtl_backward() on them first"
+        )
+    for i, t in enumerate(tensors):
+        if t.jac.ndim == 0 or t.jac.shape[1:] != t.shape:
+            raise ValueError(
+                f"tensor {i} has shape {tuple(t.shape)} but its .jac has shape "
+                f"{tuple(t.jac.shape)}: expected [m, *tensor.shape]"
+            )
+    rows = sorted({t.jac.shape[0] for t in tensors})
+    if len(rows) != 1:
+        raise ValueError(f"the .jac fields have different numbers of rows: {rows}")
+    return [t.jac.detach() for t in tensors]
+
+
+def jac_to_grad(
+    tensors: Tensor | Iterable[Tensor],
+    /,
+    aggregator: Callable[[Tensor], Tensor],
+    *,
+    retain_jac: bool = False,
+    optimize_gramian_computation: bool = False,
+) -> Tensor | None:
+    """Aggregate the ``.jac`` fields of ``tensors`` into their ``.grad`` fields.
+
+    The ``.jac`` fields (each ``[m, *tensor.shape]``) are the column blocks of one ``[m, n]``
+    Jacobian ``J``; the aggregator turns it into one update, split back and added to each
+    ``.grad``. A :class:`~jdoptim.aggregation.GramianWeightedAggregator` only sees the Gramian
+    ``J Jᵀ``, summed block by block, and the update ``Jᵀ w`` is formed block by block, so ``J`` is
+    never concatenated.
+
+    Parameters
+    ----------
+    tensors:
+        Distinct tensors that all hold a ``.jac`` with the same number of rows (usually
+        ``model.parameters()`` after :func:`backward`).
+    aggregator:
+        An :class:`~jdoptim.aggregation.Aggregator`, or any callable ``[m, n] -> [n]``.
+    retain_jac:
+        Keep the ``.jac`` fields (they are deleted by default).
+    optimize_gramian_computation:
+        Accepted for compatibility: the Gramian of a Gramian-weighted aggregator is always
+        computed block by block here.
+
+    Returns
+    -------
+    Tensor or None
+        The weights ``w`` (shape ``[m]``) when the aggregator is a
+        :class:`~jdoptim.aggregation.WeightedAggregator` (the update is then ``Jᵀ w``), else
+        ``None``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from jdoptim.aggregation import UPGrad
+    >>> from jdoptim.autojac import backward
+    >>> w = torch.tensor([1.0, -1.0], requires_grad=True)
+    >>> backward([w @ w, w.sum()])
+    >>> jac_to_grad([w], UPGrad())  # the two gradients are orthogonal: no conflict
+    tensor([0.5000, 0.5000])
+    >>> w.grad
+    tensor([ 1.5000, -0.5000])
+    """
+    del optimize_gramian_computation  # always on
+    tensors = as_tensors(tensors, "tensors")
+    check_distinct(tensors, "tensors")
+    if not callable(aggregator):
+        raise TypeError(f"aggregator must be callable, got {type(aggregator).__name__}")
+    jacobians = _jacobians(tensors)
+    weights = None
+    with torch.no_grad():
+        if isinstance(aggregator, GramianWeightedAggregator):
+            weights = aggregator.weights_from_gramian(gramian(jacobians))
+            updates = [torch.tensordot(weights.to(j.dtype), j, dims=1) for j in jacobians]
+        else:
+            matrix = torch.cat([j.reshape(j.shape[0], -1) for j in jacobians], dim=1)
+            if isinstance(aggregator, WeightedAggregator):
+                check_matrix(matrix)
+                weights = aggregator.weights(matrix)
+                update = weights.to(matrix.dtype) @ matrix
+            else:
+                update = aggregator(matrix)
+                if not isinstance(update, Tensor) or update.shape != (matrix.shape[1],):
+                    raise ValueError(
+                        f"the aggregator must return a vector of shape [{matrix.shape[1]}], got "
+                        f"{tuple(update.shape) if isinstance(update, Tensor) else update!r}"
+                    )
+            sizes = [t.numel() for t in tensors]
+            updates = [u.view_as(t) for u, t in zip(update.split(sizes), tensors, strict=True)]
+    for t, g in zip(tensors, updates, strict=True):
+        t.grad = g if t.grad is None else t.grad + g
+        if not retain_jac:
+            del t.jac
+    return weights
