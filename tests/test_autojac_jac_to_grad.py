@@ -105,3 +105,16 @@ def test_jac_shape_and_row_errors():
     with pytest.raises(ValueError, match=r"tensor 1 has shape \(3,\) but its \.jac has shape"):
         jac_to_grad([w, v], Mean())
     assert w.grad is None and v.grad is None
+
+
+@pytest.mark.parametrize("make", [UPGrad, lambda: TrimmedMean(0)])
+def test_jacobians_of_different_dtypes_are_aggregated_in_the_widest(make):
+    a = torch.tensor([0.5, -1.0, 2.0], requires_grad=True)
+    b = torch.tensor([1.5, 0.25], dtype=torch.float64, requires_grad=True)
+    backward([a.sum() + b.sum(), (a**2).sum() * b.prod().float()])
+    matrix = torch.cat([a.jac.double(), b.jac], dim=1)
+    expected = upgrad_reference(matrix) if isinstance(make(), UPGrad) else matrix.mean(0)
+    jac_to_grad([a, b], make())
+    assert a.grad.dtype == torch.float32 and b.grad.dtype == torch.float64
+    torch.testing.assert_close(a.grad, expected[:3].float())
+    torch.testing.assert_close(b.grad, expected[3:], rtol=1e-6, atol=1e-7)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 
 import torch
@@ -46,7 +47,8 @@ def jac_to_grad(
     Jacobian ``J``; the aggregator turns it into one update, split back and added to each
     ``.grad``. A :class:`~jdoptim.aggregation.GramianWeightedAggregator` only sees the Gramian
     ``J Jᵀ``, summed block by block, and the update ``Jᵀ w`` is formed block by block, so ``J`` is
-    never concatenated.
+    never concatenated. Blocks of different dtypes are aggregated in the widest one; each
+    ``.grad`` gets its tensor's dtype.
 
     Parameters
     ----------
@@ -86,13 +88,14 @@ def jac_to_grad(
     if not callable(aggregator):
         raise TypeError(f"aggregator must be callable, got {type(aggregator).__name__}")
     jacobians = _jacobians(tensors)
+    dtype = functools.reduce(torch.promote_types, [j.dtype for j in jacobians])
     weights = None
     with torch.no_grad():
         if isinstance(aggregator, GramianWeightedAggregator):
-            weights = aggregator.weights_from_gramian(gramian(jacobians))
+            weights = aggregator.weights_from_gramian(gramian([j.to(dtype) for j in jacobians]))
             updates = [torch.tensordot(weights.to(j.dtype), j, dims=1) for j in jacobians]
-        else:
-            matrix = torch.cat([j.reshape(j.shape[0], -1) for j in jacobians], dim=1)
+        else:  # one [m, n] matrix, in the widest dtype of the blocks
+            matrix = torch.cat([j.reshape(j.shape[0], -1).to(dtype) for j in jacobians], dim=1)
             if isinstance(aggregator, WeightedAggregator):
                 check_matrix(matrix)
                 weights = aggregator.weights(matrix)
@@ -105,7 +108,9 @@ def jac_to_grad(
                         f"{tuple(update.shape) if isinstance(update, Tensor) else update!r}"
                     )
             sizes = [t.numel() for t in tensors]
-            updates = [u.view_as(t) for u, t in zip(update.split(sizes), tensors, strict=True)]
+            updates = [
+                u.view_as(t).to(t.dtype) for u, t in zip(update.split(sizes), tensors, strict=True)
+            ]
     for t, g in zip(tensors, updates, strict=True):
         t.grad = g if t.grad is None else t.grad + g
         if not retain_jac:
