@@ -87,10 +87,13 @@ def initial_rows(
         m = sum(t.numel() for t in tensors)
         if m == 0:
             raise ValueError(f"`{what}` hold no element: there is nothing to differentiate")
+        eyes: dict[tuple[torch.dtype, torch.device], Tensor] = {}  # one m x m per dtype
         blocks, start = [], 0
         for t in tensors:
-            eye = torch.eye(m, dtype=t.dtype, device=t.device)[:, start : start + t.numel()]
-            blocks.append(eye.reshape(m, *t.shape))
+            key = (t.dtype, t.device)
+            if key not in eyes:
+                eyes[key] = torch.eye(m, dtype=t.dtype, device=t.device)
+            blocks.append(eyes[key][:, start : start + t.numel()].reshape(m, *t.shape))
             start += t.numel()
         return blocks
     rows = as_tensors(jac_tensors, jac_what)
