@@ -113,12 +113,47 @@ for input, target in zip(inputs, targets):
 }
 
 
-def _run(source: str, library: str) -> list[torch.Tensor]:
+# Docs, monitoring: hooks on the aggregator (its input J, its output) and on its weighting.
+MONITORING = """
+from torchjd.autojac import jac_to_grad, mtl_backward
+from torchjd.aggregation import UPGrad
+
+seen = {"weights": [], "similarity": []}
+
+def record_weights(_, __, weights):
+    seen["weights"].append(weights)
+
+def record_similarity(_, inputs, aggregation):
+    mean = inputs[0].mean(dim=0)
+    seen["similarity"].append(torch.nn.functional.cosine_similarity(aggregation, mean, dim=0))
+
+shared_module = Sequential(Linear(10, 5), ReLU(), Linear(5, 3), ReLU())
+task1_module = Linear(3, 1)
+task2_module = Linear(3, 1)
+params = [*shared_module.parameters(), *task1_module.parameters(), *task2_module.parameters()]
+loss_fn = MSELoss()
+optimizer = SGD(params, lr=0.1)
+aggregator = UPGrad()
+aggregator.weighting.register_forward_hook(record_weights)
+aggregator.register_forward_hook(record_similarity)
+for input, target in zip(inputs, targets):
+    features = shared_module(input)
+    loss1 = loss_fn(task1_module(features), target[:, :1])
+    loss2 = loss_fn(task2_module(features), target[:, 1:])
+    mtl_backward([loss1, loss2], features=features)
+    returned = jac_to_grad(shared_module.parameters(), aggregator)
+    assert torch.equal(returned, seen["weights"][-1])
+    optimizer.step()
+    optimizer.zero_grad()
+"""
+
+
+def _run(source: str, library: str, namespace: dict | None = None) -> list[torch.Tensor]:
     """Run an example with its imports pointing at ``library``; return the trained parameters."""
     code = _PRELUDE + source.replace("torchjd", library)
     if library == "torchjd":  # 0.18 takes modules, not an iterable of them
         code = code.replace("Engine(model[2:].modules(),", "Engine(model[2:],")
-    namespace: dict = {}
+    namespace = {} if namespace is None else namespace
     default = torch.get_default_dtype()
     torch.manual_seed(0)
     try:
@@ -221,6 +256,22 @@ def test_partial_jd_example_runs_on_jdoptim():
     for g, p in zip(got, initial, strict=True):
         assert bool(torch.isfinite(g).all())
         assert g.dtype == p.dtype and not torch.equal(g, p)  # every layer was updated
+
+
+def _aggregators_are_modules() -> bool:
+    from jdoptim.aggregation import Aggregator
+
+    return issubclass(Aggregator, nn.Module)
+
+
+@pytest.mark.skipif(not _aggregators_are_modules(), reason="aggregators are not nn.Modules yet")
+def test_monitoring_example_hooks_see_every_aggregation():
+    seen: dict = {}
+    _run(MONITORING, "jdoptim", seen)
+    weights, similarity = seen["seen"]["weights"], seen["seen"]["similarity"]
+    assert len(weights) == len(similarity) == 8  # one per step
+    assert all(w.shape == (2,) and bool((w >= 0).all()) for w in weights)
+    assert all(-1.0 <= float(c) <= 1.0 + 1e-12 for c in similarity)
 
 
 needs_peer = pytest.mark.skipif(not HAS_PEER, reason="the peer (torchjd) is not installed")

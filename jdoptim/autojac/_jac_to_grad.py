@@ -33,6 +33,34 @@ def _jacobians(tensors: list[Tensor]) -> list[Tensor]:
     return [t.jac.detach() for t in tensors]
 
 
+def _aggregate(
+    aggregator: Callable[[Tensor], Tensor], matrix: Tensor
+) -> tuple[Tensor, Tensor | None]:
+    """``aggregator(matrix)`` (its forward hooks run), and the weights it used if it has some."""
+    weighting = getattr(aggregator, "weighting", None)
+    if isinstance(aggregator, WeightedAggregator) and not hasattr(
+        weighting, "register_forward_hook"
+    ):
+        check_matrix(matrix)  # a weighting that is no nn.Module: no hooks to run
+        weights = aggregator.weights(matrix)
+        return weights.to(matrix.dtype) @ matrix, weights
+    captured: list[Tensor] = []
+    handle = None
+    if isinstance(aggregator, WeightedAggregator):
+        handle = weighting.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        update = aggregator(matrix)
+    finally:
+        if handle is not None:
+            handle.remove()
+    if not isinstance(update, Tensor) or update.shape != (matrix.shape[1],):
+        raise ValueError(
+            f"the aggregator must return a vector of shape [{matrix.shape[1]}], got "
+            f"{tuple(update.shape) if isinstance(update, Tensor) else update!r}"
+        )
+    return update, (captured[-1] if captured else None)
+
+
 def jac_to_grad(
     tensors: Tensor | Iterable[Tensor],
     /,
@@ -45,10 +73,8 @@ def jac_to_grad(
 
     The ``.jac`` fields (each ``[m, *tensor.shape]``) are the column blocks of one ``[m, n]``
     Jacobian ``J``; the aggregator turns it into one update, split back and added to each
-    ``.grad``. A :class:`~jdoptim.aggregation.GramianWeightedAggregator` only sees the Gramian
-    ``J Jᵀ``, summed block by block, and the update ``Jᵀ w`` is formed block by block, so ``J`` is
-    never concatenated. Blocks of different dtypes are aggregated in the widest one; each
-    ``.grad`` gets its tensor's dtype.
+    ``.grad``. Blocks of different dtypes are aggregated in the widest one; each ``.grad`` gets
+    its tensor's dtype.
 
     Parameters
     ----------
@@ -60,8 +86,11 @@ def jac_to_grad(
     retain_jac:
         Keep the ``.jac`` fields (they are deleted by default).
     optimize_gramian_computation:
-        Accepted for compatibility: the Gramian of a Gramian-weighted aggregator is always
-        computed block by block here.
+        With a :class:`~jdoptim.aggregation.GramianWeightedAggregator`, never concatenate ``J``:
+        sum the Gramians of the blocks, take the weights from the aggregator's
+        ``weights_from_gramian`` and form ``Jᵀ w`` block by block (less memory). The aggregator
+        itself is then not called, so only the hooks of its Gramian weighting run. By default
+        the aggregator is called on the concatenated ``J`` (its forward hooks run).
 
     Returns
     -------
@@ -82,31 +111,19 @@ def jac_to_grad(
     >>> w.grad
     tensor([ 1.5000, -0.5000])
     """
-    del optimize_gramian_computation  # always on
     tensors = as_tensors(tensors, "tensors")
     check_distinct(tensors, "tensors")
     if not callable(aggregator):
         raise TypeError(f"aggregator must be callable, got {type(aggregator).__name__}")
     jacobians = _jacobians(tensors)
     dtype = functools.reduce(torch.promote_types, [j.dtype for j in jacobians])
-    weights = None
     with torch.no_grad():
-        if isinstance(aggregator, GramianWeightedAggregator):
+        if optimize_gramian_computation and isinstance(aggregator, GramianWeightedAggregator):
             weights = aggregator.weights_from_gramian(gramian([j.to(dtype) for j in jacobians]))
             updates = [torch.tensordot(weights.to(j.dtype), j, dims=1) for j in jacobians]
         else:  # one [m, n] matrix, in the widest dtype of the blocks
             matrix = torch.cat([j.reshape(j.shape[0], -1).to(dtype) for j in jacobians], dim=1)
-            if isinstance(aggregator, WeightedAggregator):
-                check_matrix(matrix)
-                weights = aggregator.weights(matrix)
-                update = weights.to(matrix.dtype) @ matrix
-            else:
-                update = aggregator(matrix)
-                if not isinstance(update, Tensor) or update.shape != (matrix.shape[1],):
-                    raise ValueError(
-                        f"the aggregator must return a vector of shape [{matrix.shape[1]}], got "
-                        f"{tuple(update.shape) if isinstance(update, Tensor) else update!r}"
-                    )
+            update, weights = _aggregate(aggregator, matrix)
             sizes = [t.numel() for t in tensors]
             updates = [
                 u.view_as(t).to(t.dtype) for u, t in zip(update.split(sizes), tensors, strict=True)
