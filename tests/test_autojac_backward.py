@@ -127,3 +127,12 @@ def test_a_non_leaf_that_retains_grad_gets_a_jac():
     h.retain_grad()
     backward([h.sum(), h[1]], inputs=[h])
     torch.testing.assert_close(h.jac, torch.tensor([[1.0, 1.0], [0.0, 1.0]]))
+
+
+def test_finite_values_whose_sum_overflows_are_accepted():
+    # float32: each loss and each Jacobian entry is finite, their sums overflow to inf.
+    w = torch.tensor([1.0, 1.0], requires_grad=True)
+    scaled = w * 3e38
+    backward([scaled[0], scaled[1], scaled])
+    expected = torch.tensor([[3e38, 0.0], [0.0, 3e38], [3e38, 0.0], [0.0, 3e38]])
+    torch.testing.assert_close(w.jac, expected)

@@ -118,3 +118,14 @@ def test_jacobians_of_different_dtypes_are_aggregated_in_the_widest(make):
     assert a.grad.dtype == torch.float32 and b.grad.dtype == torch.float64
     torch.testing.assert_close(a.grad, expected[:3].float())
     torch.testing.assert_close(b.grad, expected[3:], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("optimize", [False, True])
+@pytest.mark.parametrize("make", [UPGrad, ExcessMTL, lambda: TrimmedMean(0)])
+def test_a_non_finite_jac_raises_and_writes_nothing(make, optimize):
+    w, v = _with_jacs()
+    v.jac = torch.tensor([[1.0, float("nan"), 0.0], [0.0, 1.0, 0.0]])
+    with pytest.raises(ValueError, match="NaN or inf"):
+        jac_to_grad([w, v], make(), optimize_gramian_computation=optimize)
+    assert w.grad is None and v.grad is None
+    torch.testing.assert_close(w.jac, torch.eye(2))

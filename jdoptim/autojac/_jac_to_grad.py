@@ -9,8 +9,7 @@ import torch
 from torch import Tensor
 
 from jdoptim.aggregation import GramianWeightedAggregator, WeightedAggregator
-from jdoptim.aggregation._bases import check_matrix
-from jdoptim.autojac._checks import as_tensors, check_distinct
+from jdoptim.autojac._checks import as_tensors, check_distinct, check_finite
 from jdoptim.engine._reduce import gramian
 
 
@@ -41,7 +40,7 @@ def _aggregate(
     if isinstance(aggregator, WeightedAggregator) and not hasattr(
         weighting, "register_forward_hook"
     ):
-        check_matrix(matrix)  # a weighting that is no nn.Module: no hooks to run
+        check_finite([matrix], "the Jacobian")  # a weighting that is no nn.Module: no hooks
         weights = aggregator.weights(matrix)
         return weights.to(matrix.dtype) @ matrix, weights
     captured: list[Tensor] = []
