@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import cache
 
+import pytest
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev
@@ -17,7 +18,8 @@ from torch.func import functional_call, jacrev
 
 @cache
 def _digits() -> tuple[Tensor, Tensor]:
-    from sklearn.datasets import load_digits
+    datasets = pytest.importorskip("sklearn.datasets", reason="scikit-learn is not installed")
+    load_digits = datasets.load_digits
 
     data = load_digits()
     x = torch.tensor(data.data[:64] / 16.0, dtype=torch.float64)

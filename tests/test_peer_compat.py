@@ -1,10 +1,10 @@
 """The peer's (TorchJD 0.18) README and docs examples run on jdoptim after changing the imports.
 
-Each example is written once, importing from ``torchjd``; the test replaces ``torchjd`` by
-``jdoptim`` in the source and runs it. The jdoptim run is checked against an independent float64
-reference loop (``torch.func.jacrev`` + a scipy NNLS UPGrad); where the peer is installed the same
-source also runs on it, from the same seed, and the parameters are compared within the documented
-difference between our exact projection and the peer's regularised one.
+Each example (``tests/_peer_examples.py``) is written once, importing from ``torchjd``; the tests
+replace ``torchjd`` by ``jdoptim`` and run it. The jdoptim run is checked against an independent
+float64 loop (``torch.func.jacrev`` + scipy NNLS UPGrad). Where the peer is installed, the same
+sources with ``Mean`` run on both and agree to rounding, the peer's UPGrad/DualProj weights are
+shown to be ours on its regularised Gramian, and the functions and Gramians are compared directly.
 """
 
 from __future__ import annotations
@@ -16,151 +16,10 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev
 
+from tests._peer_examples import EXAMPLES, MONITORING, run
 from tests._references import upgrad_reference
 
 HAS_PEER = importlib.util.find_spec("torchjd") is not None
-
-_PRELUDE = """
-import torch
-from torch.nn import Linear, MSELoss, ReLU, Sequential
-from torch.optim import SGD
-torch.set_default_dtype(torch.float64)
-inputs = torch.randn(8, 16, 10)
-targets = torch.randn(8, 16, 2)
-"""
-
-EXAMPLES = {
-    # README, "Jacobian descent": multi-task learning with mtl_backward and jac_to_grad.
-    "readme-mtl": """
-from torchjd.autojac import jac_to_grad, mtl_backward
-from torchjd.aggregation import UPGrad
-
-shared_module = Sequential(Linear(10, 5), ReLU(), Linear(5, 3), ReLU())
-task1_module = Linear(3, 1)
-task2_module = Linear(3, 1)
-params = [*shared_module.parameters(), *task1_module.parameters(), *task2_module.parameters()]
-loss_fn = MSELoss()
-optimizer = SGD(params, lr=0.1)
-aggregator = UPGrad()
-for input, target in zip(inputs, targets):
-    features = shared_module(input)
-    loss1 = loss_fn(task1_module(features), target[:, :1])
-    loss2 = loss_fn(task2_module(features), target[:, 1:])
-    mtl_backward([loss1, loss2], features=features)
-    jac_to_grad(shared_module.parameters(), aggregator)
-    optimizer.step()
-    optimizer.zero_grad()
-""",
-    # Docs, basic usage: two losses of one model, backward then jac_to_grad.
-    "basic-usage": """
-from torchjd.autojac import backward, jac_to_grad
-from torchjd.aggregation import UPGrad
-
-model = Sequential(Linear(10, 5), ReLU(), Linear(5, 2))
-params = list(model.parameters())
-optimizer = SGD(params, lr=0.1)
-aggregator = UPGrad()
-loss_fn = MSELoss()
-for input, target in zip(inputs, targets):
-    output = model(input)
-    loss1 = loss_fn(output[:, 0], target[:, 0])
-    loss2 = loss_fn(output[:, 1], target[:, 1])
-    backward([loss1, loss2])
-    jac_to_grad(model.parameters(), aggregator)
-    optimizer.step()
-    optimizer.zero_grad()
-""",
-    # Docs, instance-wise risk minimization with the autogram engine.
-    "iwrm-autogram": """
-from torchjd.aggregation import UPGradWeighting
-from torchjd.autogram import Engine
-
-model = Sequential(Linear(10, 5), ReLU(), Linear(5, 1))
-params = list(model.parameters())
-optimizer = SGD(params, lr=0.1)
-loss_fn = MSELoss(reduction="none")
-weighting = UPGradWeighting()
-engine = Engine(model, batch_dim=0)
-for input, target in zip(inputs, targets):
-    output = model(input).squeeze(dim=1)
-    losses = loss_fn(output, target[:, 0])
-    optimizer.zero_grad()
-    gramian = engine.compute_gramian(losses)
-    weights = weighting(gramian)
-    losses.backward(weights)
-    optimizer.step()
-""",
-    # Docs, partial Jacobian descent: the Gramian w.r.t. the last layers only.
-    "partial-jd": """
-from torchjd.aggregation import UPGradWeighting
-from torchjd.autogram import Engine
-
-model = Sequential(Linear(10, 8), ReLU(), Linear(8, 5), ReLU(), Linear(5, 1))
-params = list(model.parameters())
-optimizer = SGD(params, lr=0.1)
-loss_fn = MSELoss(reduction="none")
-weighting = UPGradWeighting()
-engine = Engine(model[2:].modules(), batch_dim=0)
-for input, target in zip(inputs, targets):
-    output = model(input).squeeze(dim=1)
-    losses = loss_fn(output, target[:, 0])
-    optimizer.zero_grad()
-    gramian = engine.compute_gramian(losses)
-    weights = weighting(gramian)
-    losses.backward(weights)
-    optimizer.step()
-""",
-}
-
-
-# Docs, monitoring: hooks on the aggregator (its input J, its output) and on its weighting.
-MONITORING = """
-from torchjd.autojac import jac_to_grad, mtl_backward
-from torchjd.aggregation import UPGrad
-
-seen = {"weights": [], "similarity": []}
-
-def record_weights(_, __, weights):
-    seen["weights"].append(weights)
-
-def record_similarity(_, inputs, aggregation):
-    mean = inputs[0].mean(dim=0)
-    seen["similarity"].append(torch.nn.functional.cosine_similarity(aggregation, mean, dim=0))
-
-shared_module = Sequential(Linear(10, 5), ReLU(), Linear(5, 3), ReLU())
-task1_module = Linear(3, 1)
-task2_module = Linear(3, 1)
-params = [*shared_module.parameters(), *task1_module.parameters(), *task2_module.parameters()]
-loss_fn = MSELoss()
-optimizer = SGD(params, lr=0.1)
-aggregator = UPGrad()
-aggregator.weighting.register_forward_hook(record_weights)
-aggregator.register_forward_hook(record_similarity)
-for input, target in zip(inputs, targets):
-    features = shared_module(input)
-    loss1 = loss_fn(task1_module(features), target[:, :1])
-    loss2 = loss_fn(task2_module(features), target[:, 1:])
-    mtl_backward([loss1, loss2], features=features)
-    returned = jac_to_grad(shared_module.parameters(), aggregator)
-    assert torch.equal(returned, seen["weights"][-1])
-    optimizer.step()
-    optimizer.zero_grad()
-"""
-
-
-def _run(source: str, library: str, namespace: dict | None = None) -> list[torch.Tensor]:
-    """Run an example with its imports pointing at ``library``; return the trained parameters."""
-    code = _PRELUDE + source.replace("torchjd", library)
-    if library == "torchjd":  # 0.18 takes modules, not an iterable of them
-        code = code.replace("Engine(model[2:].modules(),", "Engine(model[2:],")
-    namespace = {} if namespace is None else namespace
-    default = torch.get_default_dtype()
-    torch.manual_seed(0)
-    try:
-        exec(compile(code, f"<{library} example>", "exec"), namespace)
-    finally:
-        torch.set_default_dtype(default)
-    return [p.detach().clone() for p in namespace["params"]]
 
 
 def _reference(name: str) -> list[torch.Tensor]:
@@ -232,7 +91,7 @@ def _reference(name: str) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("name", ["readme-mtl", "basic-usage", "iwrm-autogram"])
 def test_example_runs_on_jdoptim_and_matches_an_independent_reference(name):
-    got = _run(EXAMPLES[name], "jdoptim")
+    got = run(EXAMPLES[name], "jdoptim")
     for g, r in zip(got, _reference(name), strict=True):
         torch.testing.assert_close(g, r, rtol=1e-7, atol=1e-9)
 
@@ -242,7 +101,7 @@ def test_partial_jd_example_runs_on_jdoptim():
     # UPGrad's weights are not unique and the first layer's update depends on which weights a
     # solver returns. Its Gramian is checked against jacrev in test_autogram.py, and the loop
     # against the peer's with Mean below.
-    got = _run(EXAMPLES["partial-jd"], "jdoptim")
+    got = run(EXAMPLES["partial-jd"], "jdoptim")
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     torch.manual_seed(0)
@@ -267,7 +126,7 @@ def _aggregators_are_modules() -> bool:
 @pytest.mark.skipif(not _aggregators_are_modules(), reason="aggregators are not nn.Modules yet")
 def test_monitoring_example_hooks_see_every_aggregation():
     seen: dict = {}
-    _run(MONITORING, "jdoptim", seen)
+    run(MONITORING, "jdoptim", seen)
     weights, similarity = seen["seen"]["weights"], seen["seen"]["similarity"]
     assert len(weights) == len(similarity) == 8  # one per step
     assert all(w.shape == (2,) and bool((w >= 0).all()) for w in weights)
@@ -283,7 +142,7 @@ def test_example_with_mean_matches_the_peer_exactly(name):
     # With an aggregator that both compute exactly, the runs must agree to rounding: the autojac
     # and autogram plumbing (Jacobians, task gradients, Gramians, weighted backward) is the same.
     source = EXAMPLES[name].replace("UPGradWeighting", "MeanWeighting").replace("UPGrad", "Mean")
-    for a, b in zip(_run(source, "jdoptim"), _run(source, "torchjd"), strict=True):
+    for a, b in zip(run(source, "jdoptim"), run(source, "torchjd"), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
