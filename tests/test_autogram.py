@@ -174,3 +174,15 @@ def test_compute_gramian_validation():
         engine.compute_gramian(out[:0])
     with pytest.raises(TypeError, match=r"must be a torch\.Tensor"):
         engine.compute_gramian([out])
+
+
+def test_the_forward_hook_goes_away_with_the_engine_without_a_gc_pass():
+    from torch.nn.modules import module as torch_module
+
+    model = nn.Linear(3, 1)
+    before = len(torch_module._global_forward_hooks)
+    engine = Engine(model, batch_dim=0)
+    assert len(torch_module._global_forward_hooks) == before + 1
+    engine.compute_gramian(model(torch.randn(4, 3)).squeeze(1))
+    del engine  # reference counting alone must free it: no cycle through the engine
+    assert len(torch_module._global_forward_hooks) == before

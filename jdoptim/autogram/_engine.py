@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from torch import Tensor, nn
 
@@ -24,6 +24,16 @@ def _as_modules(modules: tuple[object, ...]) -> tuple[nn.Module, ...]:
         if not isinstance(module, nn.Module):
             raise TypeError(f"modules[{i}] is a {type(module).__name__}, expected an nn.Module")
     return tuple(flat)
+
+
+def _params_of(modules: tuple[nn.Module, ...]) -> Callable[[], list[Tensor]]:
+    """The parameters of ``modules`` that require grad, each once, read at each call."""
+
+    def params() -> list[Tensor]:
+        found = {id(p): p for module in modules for p in module.parameters() if p.requires_grad}
+        return list(found.values())
+
+    return params
 
 
 class Engine:
@@ -78,13 +88,8 @@ class Engine:
             raise TypeError(f"batch_dim must be an int or None, got {batch_dim!r}")
         self.modules = modules
         self.batch_dim = batch_dim
+        self._params = _params_of(modules)  # no reference to self: the hook dies with the engine
         self._per_sample = None if batch_dim is None else PerSampleGramian(self._params)
-
-    def _params(self) -> list[Tensor]:
-        params = {
-            id(p): p for module in self.modules for p in module.parameters() if p.requires_grad
-        }
-        return list(params.values())
 
     def compute_gramian(self, output: Tensor, /) -> Tensor:
         """Return the Gramian of the Jacobian of ``output`` w.r.t. the modules' parameters.
