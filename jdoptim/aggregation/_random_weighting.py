@@ -30,6 +30,7 @@ class RandomWeighting(Seeded, Weighting):
     """
 
     def __init__(self, seed: int | None = None) -> None:
+        super().__init__()
         self._rng = RandomState(seed)
 
     def forward(self, gramian: Tensor, /) -> Tensor:
