@@ -197,6 +197,17 @@ class GramianWeightedAggregator(WeightedAggregator):
         super().__init__(_GramianComposition(gramian_weighting))
         self.gramian_weighting = gramian_weighting
 
+    @property
+    def observes_matrix(self) -> bool:
+        """Whether forward hooks (or pre-hooks) are registered on the aggregator itself.
+
+        They receive ``J``, so the Jacobian path then forms ``J`` and calls the aggregator instead
+        of working from the Gramian block by block (same update; hooks on ``gramian_weighting``
+        fire either way). The Gramian engines of :class:`~jdoptim.JacobianOptimizer` (``batch_dim``,
+        ``path="gramian"``) never form ``J``: there, hook ``gramian_weighting``.
+        """
+        return bool(self._forward_hooks or self._forward_pre_hooks)
+
     def weights_from_gramian(self, gramian: Tensor) -> Tensor:
         """Return the weights ``W(G)`` of shape ``[m]`` for a Gramian ``G``."""
         check_gramian(gramian)

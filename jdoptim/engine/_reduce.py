@@ -36,7 +36,7 @@ def aggregate_jacobians(
     by block, and the update ``Jᵀ w`` is formed block by block too; any other aggregator gets the
     concatenated ``[m, n]`` matrix.
     """
-    if isinstance(aggregator, GramianWeightedAggregator):
+    if isinstance(aggregator, GramianWeightedAggregator) and not aggregator.observes_matrix:
         weights = aggregator.weights_from_gramian(gramian(jacobians))
         return [torch.tensordot(weights, j, dims=1) for j in jacobians]
     matrix = torch.cat([j.reshape(j.shape[0], -1) for j in jacobians], dim=1)
