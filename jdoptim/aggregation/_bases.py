@@ -25,13 +25,12 @@ the module, as for any module without tensors).
 
 from __future__ import annotations
 
-import copy
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
-from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+
+from jdoptim._module import StateModule
 
 __all__ = [
     "Aggregator",
@@ -68,38 +67,7 @@ def gramian_of(matrix: Tensor) -> Tensor:
     return matrix @ matrix.T
 
 
-class _Module(nn.Module):
-    """What aggregators and weightings share: ``reset``, an atomic strict load and a flat repr."""
-
-    def reset(self) -> None:
-        """Forget the state accumulated over previous calls (no-op when stateless).
-
-        Stateful methods override this and call ``super().reset()``, which resets the submodules.
-        """
-        for child in self.children():
-            if isinstance(child, _Module):
-                child.reset()
-
-    def load_state_dict(
-        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
-    ) -> Any:
-        """``torch.nn.Module.load_state_dict``, except that a load that raises changes nothing."""
-        previous = copy.deepcopy(self.state_dict())
-        try:
-            return super().load_state_dict(state_dict, strict=strict, assign=assign)
-        except BaseException:
-            super().load_state_dict(previous)
-            raise
-
-    def extra_repr(self) -> str:
-        """The constructor arguments shown by ``repr``."""
-        return ""
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.extra_repr()})"
-
-
-class Weighting(_Module, ABC):
+class Weighting(StateModule, ABC):
     """Maps a statistic of the Jacobian to a weight vector of shape ``[m]``.
 
     Subclasses implement :meth:`forward`. A weighting used by a :class:`GramianWeightedAggregator`
@@ -116,7 +84,7 @@ class Weighting(_Module, ABC):
             return super().__call__(stat)
 
 
-class Aggregator(_Module, ABC):
+class Aggregator(StateModule, ABC):
     """Maps a Jacobian ``J`` of shape ``[m, n]`` to an update of shape ``[n]``.
 
     Calling an aggregator validates its input (a finite floating-point matrix) and then runs
