@@ -105,3 +105,11 @@ def check_shape(shape: Any) -> tuple[int, ...]:
     if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in dims):
         raise ValueError(f"shape must hold positive ints, got {shape!r}")
     return dims
+
+
+def norm(vector: Tensor) -> Tensor:
+    """``‖vector‖₂`` without overflow or underflow (the vector is scaled by its largest entry
+    first), with the subgradient 0 at 0."""
+    scale = vector.detach().abs().amax()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return scale * torch.linalg.vector_norm(vector / scale)

@@ -11,6 +11,7 @@ from jdoptim.scalarization._base import (
     as_like,
     check_number,
     check_same_shape,
+    norm,
     tensor_setting,
 )
 
@@ -64,14 +65,14 @@ class COSMOS(Scalarizer):
         check_same_shape("weights", self.weights, values)
         r = as_like(self.weights, values).flatten()
         losses = values.flatten()
-        r_norm = r.norm()
+        r_norm = norm(r)
         if float(r_norm) == 0.0:
             raise ValueError("COSMOS needs a non-zero preference vector, got weights = 0")
         linear = r @ losses
-        squared = losses @ losses
-        positive = squared > 0
-        norm = torch.sqrt(torch.where(positive, squared, torch.ones_like(squared)))
-        cosine = torch.where(positive, linear / (r_norm * norm), torch.zeros_like(linear))
+        losses_norm = norm(losses)
+        positive = losses_norm > 0
+        safe = torch.where(positive, losses_norm, torch.ones_like(losses_norm))
+        cosine = torch.where(positive, (r / r_norm) @ (losses / safe), torch.zeros_like(linear))
         return linear - self.lambda_ * cosine
 
     def extra_repr(self) -> str:

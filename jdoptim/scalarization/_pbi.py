@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from jdoptim.aggregation._hyper import Hyper
@@ -11,6 +10,7 @@ from jdoptim.scalarization._base import (
     as_like,
     check_number,
     check_same_shape,
+    norm,
     tensor_setting,
 )
 
@@ -66,18 +66,13 @@ class PBI(Scalarizer):
         shifted = values if self.reference is None else values - as_like(self.reference, values)
         f = shifted.flatten()
         w = as_like(self.weights, values).flatten()
-        w_norm = w.norm()
+        w_norm = norm(w)
         if float(w_norm) == 0.0:
             raise ValueError("PBI needs a non-zero preference direction, got weights = 0")
         direction = w / w_norm
         d1 = f @ direction
         perpendicular = f - d1 * direction
-        squared = perpendicular @ perpendicular
-        positive = squared > 0
-        d2 = torch.where(
-            positive, torch.sqrt(torch.where(positive, squared, 1.0)), torch.zeros_like(squared)
-        )
-        return d1 + self.theta * d2
+        return d1 + self.theta * norm(perpendicular)
 
     def extra_repr(self) -> str:
         return f"theta={self.theta}, weights={self.weights!r}, reference={self.reference!r}"
