@@ -21,8 +21,10 @@ LAYERS = {
     "jdoptim._aggregator_state": 3,
     "jdoptim._validation": 3,
     "jdoptim.engine": 4,
+    "jdoptim.scalarization": 4,
     "jdoptim.aggregation": 5,
     "jdoptim.linalg": 6,
+    "jdoptim._module": 7,
 }
 
 
