@@ -17,6 +17,7 @@ LAYERS = {
     "jdoptim.optimizer": 1,
     "jdoptim.functional": 1,
     "jdoptim._path": 2,
+    "jdoptim._scalarized": 2,
     "jdoptim._distributed": 3,
     "jdoptim._aggregator_state": 3,
     "jdoptim._validation": 3,
