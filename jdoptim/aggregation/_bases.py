@@ -21,6 +21,13 @@ built instance, and ``load_state_dict`` is strict and leaves the state unchanged
 Stateless methods have an empty ``state_dict()``. There are no parameters or buffers: the state
 follows the device of the inputs and stays in float64, so ``.to()`` has nothing to move (it returns
 the module, as for any module without tensors).
+
+Why not keep a ``state_dict()`` of our own: a parent module calls its children's ``state_dict``
+with ``destination``/``prefix``/``keep_vars`` and loads them through ``_load_from_state_dict``, so
+a method of another signature or meaning breaks any model (a ``LightningModule``, say) that holds
+an aggregator as an attribute. The extra-state hooks are torch's documented place for state that
+is not parameters or buffers, and they keep the state explicit and allocated at construction.
+Subclasses call ``super().__init__()`` first, as every ``nn.Module``.
 """
 
 from __future__ import annotations
