@@ -93,6 +93,16 @@ class JacobianOptimizer(Optimizer):
         ``backward`` return the local losses. After each exchange, ``cross_rank_bytes`` holds
         the bytes this rank sent. See :doc:`distributed`.
 
+    Notes
+    -----
+    A parameter listed twice (torch warns) is differentiated and written once. Parameters of
+    several dtypes share one Gramian, accumulated in their promoted dtype (``float64`` for
+    ``float32`` and ``float64``); each ``.grad`` is written in its parameter's dtype. Sparse
+    gradients (``nn.Embedding(sparse=True)``) are supported with ``batch_dim=0``; elsewhere an
+    error names the parameter before anything is touched. A ``backward`` that raises, and a
+    ``step`` whose closure, aggregation or wrapped step raises before updating, leave the
+    parameters, ``.grad``, ``.jac`` and the inner and aggregator states as they were.
+
     Examples
     --------
     >>> import torch
