@@ -132,9 +132,12 @@ class Weigh:
 
         handle = self.aggregator.gramian_weighting.register_forward_hook(keep)  # type: ignore[attr-defined]
         try:
-            return self.aggregator(matrix)
+            update = self.aggregator(matrix)
         finally:
             handle.remove()
+        if self.observe:
+            self.record.update_products = matrix @ update.to(matrix.dtype)
+        return update
 
     def rollback(self) -> None:
         """Give the aggregator back the state it had before this step weighed (a failed step)."""
