@@ -172,3 +172,23 @@ def test_random_state_round_trip_and_reset():
     assert [fresh(values) for _ in range(2)] == expected
     first.reset()
     assert first(values) == draws[0]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+def test_stateful_scalarizers_follow_the_values_to_cuda():
+    """FAMO moves with ``.to()``; DWA keeps its float64 history on the host; both match CPU."""
+    rng = np.random.default_rng(6)
+    runs = {}
+    for device in ("cpu", "cuda"):
+        famo, dwa = FAMO(3).double().to(device), DWA()
+        outputs = []
+        for _ in range(4):
+            values = torch.from_numpy(rng.uniform(0.5, 2.0, 3)).to(device)
+            outputs += [famo(values).cpu(), dwa(values).cpu()]
+            famo.update(values * 0.9)
+            dwa.step()
+        runs[device] = (torch.stack(outputs), famo.logits.detach().cpu())
+        rng = np.random.default_rng(6)
+    torch.testing.assert_close(runs["cuda"][0], runs["cpu"][0], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(runs["cuda"][1], runs["cpu"][1], rtol=1e-12, atol=1e-14)
