@@ -11,9 +11,11 @@ from torch.optim import Optimizer
 
 from jdoptim._aggregator_state import load_with, state_of
 from jdoptim._path import Path, Setup
+from jdoptim._scalarized import ScalarPath, check_scalarizer_options
 from jdoptim._validation import check_options
 from jdoptim.aggregation import GramianWeightedAggregator, UPGrad
 from jdoptim.engine import JacobianEngine, LayerGramianEngine, PerSampleEngine
+from jdoptim.scalarization import Scalarizer
 
 __all__ = ["JacobianOptimizer"]
 
@@ -36,7 +38,16 @@ class JacobianOptimizer(Optimizer):
     aggregator:
         Maps ``J`` to the update; :class:`~jdoptim.aggregation.UPGrad` by default. Any callable
         ``[m, n] -> [n]`` works; a :class:`~jdoptim.aggregation.GramianWeightedAggregator` lets the
-        engine work from the Gramian ``J Jᵀ`` block by block.
+        engine work from the Gramian ``J Jᵀ`` block by block. A
+        :class:`~jdoptim.scalarization.Scalarizer` instead combines the losses: each step computes
+        ``scalarizer(losses)`` (the losses as returned, e.g. of shape ``[m]``) and runs one plain
+        ``backward()``, so one training loop compares gradient-combining and loss-combining
+        methods. Its state (``DWA``'s history, ``FAMO``'s logits and Adam moments, the
+        parameters of ``UW``/``IMTLL``) is in :meth:`state_dict`; ``shared_params``,
+        ``batch_dim``, ``path`` and ``accumulate=True`` need an aggregator. The per-step updates
+        stay the user's calls, where the papers place them: ``famo.update(losses_after)`` after
+        ``step``, with the losses recomputed on the same batch; ``dwa.step()`` at the end of each
+        epoch (see the second example).
     shared_params:
         If given, the Jacobian is taken only w.r.t. these parameters (a shared trunk); every other
         parameter gets the plain gradient of the summed losses (task-specific heads).
@@ -106,6 +117,15 @@ class JacobianOptimizer(Optimizer):
     >>> losses = opt.step(closure)
     >>> losses.shape
     torch.Size([2])
+
+    The same loop with a scalarizer, FAMO here, and its update after each step:
+
+    >>> from jdoptim.scalarization import FAMO
+    >>> famo = FAMO(2)
+    >>> opt = JacobianOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), famo)
+    >>> losses = opt.step(closure)
+    >>> with torch.no_grad():
+    ...     famo.update(closure())  # the same batch, after the step
     """
 
     def __init__(
@@ -123,6 +143,8 @@ class JacobianOptimizer(Optimizer):
         if isinstance(optimizer, JacobianOptimizer):
             raise TypeError("optimizer is already a JacobianOptimizer: do not wrap it twice")
         aggregator = UPGrad() if aggregator is None else aggregator
+        if isinstance(aggregator, Scalarizer):
+            check_scalarizer_options(shared_params, batch_dim, path)
         shared, cross_rank = check_options(
             optimizer, aggregator, shared_params, grad_scaler, batch_dim, path, cross_rank
         )
@@ -138,10 +160,10 @@ class JacobianOptimizer(Optimizer):
                 "engine": JacobianEngine(parallel_chunk_size),
                 "gramian_engine": None,
                 "cross_rank": cross_rank,
-                "_path": Path(),  # micro-batches kept between calls, the last step's record
+                "_path": _new_path(aggregator),  # kept micro-batches, the last step's record
             },
         )
-        if path == "jacobian":
+        if path == "jacobian" or isinstance(aggregator, Scalarizer):
             return
         if batch_dim is not None:
             self.gramian_engine = PerSampleEngine(self._params, parallel_chunk_size)
@@ -173,7 +195,7 @@ class JacobianOptimizer(Optimizer):
             "engine": self.engine,
             "gramian_engine": self.gramian_engine,
             "cross_rank": self.cross_rank,
-            "_path": Path(),  # copies and pickles start without kept micro-batches
+            "_path": _new_path(self.aggregator),  # copies and pickles keep no micro-batches
         }
 
     def __repr__(self) -> str:
@@ -337,3 +359,8 @@ class JacobianOptimizer(Optimizer):
         )
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+
+def _new_path(aggregator: object) -> Path | ScalarPath:
+    """The route of ``backward``: the Jacobian path, or one plain backward for a scalarizer."""
+    return ScalarPath() if isinstance(aggregator, Scalarizer) else Path()

@@ -71,6 +71,7 @@ class _RandomWeightsAggregator(Aggregator):
     """
 
     def __init__(self, seed: int = 0) -> None:
+        super().__init__()
         self.generator = torch.Generator().manual_seed(seed)
         self.steps = 0
 

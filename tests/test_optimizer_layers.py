@@ -17,12 +17,15 @@ LAYERS = {
     "jdoptim.optimizer": 1,
     "jdoptim.functional": 1,
     "jdoptim._path": 2,
+    "jdoptim._scalarized": 2,
     "jdoptim._distributed": 3,
     "jdoptim._aggregator_state": 3,
     "jdoptim._validation": 3,
     "jdoptim.engine": 4,
+    "jdoptim.scalarization": 4,
     "jdoptim.aggregation": 5,
     "jdoptim.linalg": 6,
+    "jdoptim._module": 7,
 }
 
 

@@ -106,7 +106,10 @@ class Weigh:
             raise ValueError("the losses do not depend on any of the shared_params")
         self.record.m = rows[0].shape[0]
         if isinstance(self.aggregator, GramianWeightedAggregator):
-            updates = iter(weighted_blocks(self.weights(gramian(rows)), rows))
+            if self.aggregator.observes_matrix:  # hooks on the aggregator want J: call it on J
+                updates = iter(split_update(self._observed(concat_rows(rows)), rows))
+            else:
+                updates = iter(weighted_blocks(self.weights(gramian(rows)), rows))
         else:
             self._save_state()
             matrix = concat_rows(rows)
@@ -119,6 +122,22 @@ class Weigh:
             None if b is None else b.sum(dim=0) if s else next(updates)
             for b, s in zip(blocks, summed, strict=True)
         ]
+
+    def _observed(self, matrix: Tensor) -> Tensor:
+        """Call a hooked Gramian-weighted aggregator on ``matrix``, recording its weights."""
+        self._save_state()
+
+        def keep(_module: Any, args: tuple[Tensor, ...], weights: Tensor) -> None:
+            self.record.gramian, self.record.weights = args[0], weights
+
+        handle = self.aggregator.gramian_weighting.register_forward_hook(keep)  # type: ignore[attr-defined]
+        try:
+            update = self.aggregator(matrix)
+        finally:
+            handle.remove()
+        if self.observe:
+            self.record.update_products = matrix @ update.to(matrix.dtype)
+        return update
 
     def rollback(self) -> None:
         """Give the aggregator back the state it had before this step weighed (a failed step)."""

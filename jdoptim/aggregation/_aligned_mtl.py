@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from jdoptim.aggregation._bases import GramianWeightedAggregator, Weighting, check_gramian
+from jdoptim.aggregation._hyper import Hyper, delegated
 from jdoptim.aggregation._pref import check_pref_vector, pref_repr, pref_weights
 
 SCALE_MODES = ("min", "median", "rmse")
@@ -30,6 +31,12 @@ def kept_spectrum(gramian: Tensor, eps: float | None = None) -> tuple[Tensor, Te
     return eigenvalues[keep], eigenvectors[:, keep]
 
 
+def _check_scale_mode(scale_mode: str) -> str:
+    if scale_mode not in SCALE_MODES:
+        raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}")
+    return scale_mode
+
+
 class AlignedMTLWeighting(Weighting):
     r"""The weighting of :class:`AlignedMTL`: ``w = σ V Λ^{-1/2} Vᵀ p`` from ``G = V Λ Vᵀ``.
 
@@ -51,10 +58,12 @@ class AlignedMTLWeighting(Weighting):
     tensor([0.5000, 0.2500], dtype=torch.float64)
     """
 
+    pref_vector = Hyper(check_pref_vector)
+    scale_mode = Hyper(_check_scale_mode)
+
     def __init__(self, pref_vector: Tensor | None = None, scale_mode: str = "min") -> None:
-        if scale_mode not in SCALE_MODES:
-            raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}")
-        self.pref_vector = check_pref_vector(pref_vector)
+        super().__init__()
+        self.pref_vector = pref_vector
         self.scale_mode = scale_mode
 
     def forward(self, gramian: Tensor, /) -> Tensor:
@@ -106,6 +115,9 @@ class AlignedMTL(GramianWeightedAggregator):
     >>> AlignedMTL()(J)  # σ_min = 1: the rows normalised to norm 1, averaged
     tensor([0.5000, 0.5000], dtype=torch.float64)
     """
+
+    pref_vector = delegated("pref_vector")
+    scale_mode = delegated("scale_mode")
 
     def __init__(self, pref_vector: Tensor | None = None, scale_mode: str = "min") -> None:
         super().__init__(AlignedMTLWeighting(pref_vector, scale_mode))

@@ -6,17 +6,38 @@ weight vector ``w`` of shape ``[m]`` and return ``Jᵀ w``. Those whose weights 
 through its Gramian ``G = J Jᵀ`` are :class:`GramianWeightedAggregator` instances; the engine then
 never needs to concatenate ``J`` and computes ``G`` and ``Jᵀ w`` block by block.
 
-Stateful and random methods expose their state through ``state_dict`` / ``load_state_dict`` /
-``reset``; stateless ones return an empty dict.
+Aggregators and weightings are ``torch.nn.Module`` instances, so ``register_forward_hook`` sees
+their inputs and outputs (the Jacobian or Gramian, the update or the weights). Calls run under
+``torch.no_grad()``: the aggregation is not differentiated.
+
+State. A stateful method (an exponential average, a step counter, a random generator) keeps its
+state as plain attributes allocated when it is built, and exposes it through ``torch.nn.Module``'s
+*extra state* protocol: ``get_extra_state()`` returns it as a dict of tensors and Python values,
+``set_extra_state(state)`` validates and restores it, and ``reset()`` forgets it. So the standard
+``state_dict()`` / ``load_state_dict()`` carry it under an ``"_extra_state"`` key (prefixed by the
+submodule's name, e.g. ``"gramian_weighting._extra_state"``): a checkpoint of a model holding an
+aggregator, or of a :class:`~jdoptim.JacobianOptimizer`, restores it bit for bit into a freshly
+built instance, and ``load_state_dict`` is strict and leaves the state unchanged when it raises.
+Stateless methods have an empty ``state_dict()``. There are no parameters or buffers: the state
+follows the device of the inputs and stays in float64, so ``.to()`` has nothing to move (it returns
+the module, as for any module without tensors).
+
+Why not keep a ``state_dict()`` of our own: a parent module calls its children's ``state_dict``
+with ``destination``/``prefix``/``keep_vars`` and loads them through ``_load_from_state_dict``, so
+a method of another signature or meaning breaks any model (a ``LightningModule``, say) that holds
+an aggregator as an attribute. The extra-state hooks are torch's documented place for state that
+is not parameters or buffers, and they keep the state explicit and allocated at construction.
+Subclasses call ``super().__init__()`` first, as every ``nn.Module``.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
 
 import torch
 from torch import Tensor
+
+from jdoptim._module import StateModule
 
 __all__ = [
     "Aggregator",
@@ -25,6 +46,7 @@ __all__ = [
     "Weighting",
     "check_gramian",
     "check_matrix",
+    "gramian_of",
 ]
 
 
@@ -47,36 +69,12 @@ def check_gramian(gramian: Tensor) -> None:
         raise ValueError(f"expected a square Gramian, got shape {tuple(gramian.shape)}")
 
 
-class _Stateful:
-    """The state protocol shared by aggregators and weightings.
-
-    Stateless methods keep the defaults. A stateful method overrides all three methods and
-    allocates its state eagerly, so that a freshly built instance accepts a saved state.
-    """
-
-    def state_dict(self) -> dict[str, Any]:
-        """Return the method's state (tensors and Python values); empty when stateless."""
-        return {}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a state returned by :meth:`state_dict`."""
-        if state_dict:
-            raise ValueError(
-                f"{type(self).__name__} is stateless but got state keys {sorted(state_dict)}"
-            )
-
-    def reset(self) -> None:
-        """Forget the state accumulated over previous calls (no-op when stateless)."""
-
-    def extra_repr(self) -> str:
-        """The constructor arguments shown by ``repr``."""
-        return ""
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.extra_repr()})"
+def gramian_of(matrix: Tensor) -> Tensor:
+    """The Gramian ``J Jᵀ`` of a matrix, as the weightings of Gramian-based aggregators see it."""
+    return matrix @ matrix.T
 
 
-class Weighting(_Stateful, ABC):
+class Weighting(StateModule, ABC):
     """Maps a statistic of the Jacobian to a weight vector of shape ``[m]``.
 
     Subclasses implement :meth:`forward`. A weighting used by a :class:`GramianWeightedAggregator`
@@ -88,14 +86,16 @@ class Weighting(_Stateful, ABC):
         """Return the weights, of shape ``[m]``, for the statistic ``stat``."""
 
     def __call__(self, stat: Tensor, /) -> Tensor:
-        return self.forward(stat)
+        """Run :meth:`forward` and the forward hooks, without recording gradients."""
+        with torch.no_grad():
+            return super().__call__(stat)
 
 
-class Aggregator(_Stateful, ABC):
+class Aggregator(StateModule, ABC):
     """Maps a Jacobian ``J`` of shape ``[m, n]`` to an update of shape ``[n]``.
 
     Calling an aggregator validates its input (a finite floating-point matrix) and then runs
-    :meth:`forward`.
+    :meth:`forward` and the forward hooks, without recording gradients.
     """
 
     @abstractmethod
@@ -103,16 +103,25 @@ class Aggregator(_Stateful, ABC):
         """Return the aggregation of ``matrix`` (already validated)."""
 
     def __call__(self, matrix: Tensor, /) -> Tensor:
+        """Validate ``matrix``, then run :meth:`forward` and the hooks, without gradients."""
         check_matrix(matrix)
-        return self.forward(matrix)
+        with torch.no_grad():
+            return super().__call__(matrix)
 
 
 class WeightedAggregator(Aggregator):
-    """An aggregator of the form ``A(J) = Jᵀ W(J)`` for a weighting ``W`` of the matrix."""
+    """An aggregator of the form ``A(J) = Jᵀ W(J)`` for a weighting ``W`` of the matrix.
+
+    Parameters
+    ----------
+    weighting:
+        ``W``, applied to the matrix; available as the ``weighting`` submodule.
+    """
 
     def __init__(self, weighting: Weighting) -> None:
         if not isinstance(weighting, Weighting):
             raise TypeError(f"expected a Weighting, got {type(weighting).__name__}")
+        super().__init__()
         self.weighting = weighting
 
     def weights(self, matrix: Tensor) -> Tensor:
@@ -122,30 +131,62 @@ class WeightedAggregator(Aggregator):
     def forward(self, matrix: Tensor, /) -> Tensor:
         return self.weights(matrix) @ matrix
 
-    def state_dict(self) -> dict[str, Any]:
-        return self.weighting.state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.weighting.load_state_dict(state_dict)
-
-    def reset(self) -> None:
-        self.weighting.reset()
-
     def extra_repr(self) -> str:
         return self.weighting.extra_repr()
+
+
+class _GramianComposition(Weighting):
+    """The weighting ``J ↦ W(J Jᵀ)`` of a :class:`GramianWeightedAggregator` (its ``weighting``).
+
+    The Gramian weighting is held but not registered as a submodule: it is registered once, as the
+    aggregator's ``gramian_weighting``, so that its state appears once in ``state_dict``.
+    """
+
+    def __init__(self, gramian_weighting: Weighting) -> None:
+        super().__init__()
+        self.__dict__["_gramian_weighting"] = gramian_weighting
+
+    def forward(self, matrix: Tensor, /) -> Tensor:
+        return self._gramian_weighting(gramian_of(matrix))
+
+    def extra_repr(self) -> str:
+        return repr(self._gramian_weighting)
 
 
 class GramianWeightedAggregator(WeightedAggregator):
     """An aggregator ``A(J) = Jᵀ W(J Jᵀ)`` whose weights depend on ``J`` only through its Gramian.
 
     The engine recognises this class and computes the Gramian block by block instead of the
-    concatenated Jacobian.
+    concatenated Jacobian, then calls :meth:`weights_from_gramian`.
+
+    Parameters
+    ----------
+    gramian_weighting:
+        ``W``, applied to the Gramian; available as the ``gramian_weighting`` submodule (hook it to
+        see the weights on every path). The ``weighting`` submodule is ``J ↦ W(J Jᵀ)``.
     """
+
+    def __init__(self, gramian_weighting: Weighting) -> None:
+        if not isinstance(gramian_weighting, Weighting):
+            raise TypeError(f"expected a Weighting, got {type(gramian_weighting).__name__}")
+        super().__init__(_GramianComposition(gramian_weighting))
+        self.gramian_weighting = gramian_weighting
+
+    @property
+    def observes_matrix(self) -> bool:
+        """Whether forward hooks (or pre-hooks) are registered on the aggregator itself.
+
+        They receive ``J``, so the Jacobian path then forms ``J`` and calls the aggregator instead
+        of working from the Gramian block by block (same update; hooks on ``gramian_weighting``
+        fire either way). The Gramian engines of :class:`~jdoptim.JacobianOptimizer` (``batch_dim``,
+        ``path="gramian"``) never form ``J``: there, hook ``gramian_weighting``.
+        """
+        return bool(self._forward_hooks or self._forward_pre_hooks)
 
     def weights_from_gramian(self, gramian: Tensor) -> Tensor:
         """Return the weights ``W(G)`` of shape ``[m]`` for a Gramian ``G``."""
         check_gramian(gramian)
-        return self.weighting(gramian)
+        return self.gramian_weighting(gramian)
 
-    def weights(self, matrix: Tensor) -> Tensor:
-        return self.weighting(matrix @ matrix.T)
+    def extra_repr(self) -> str:
+        return self.gramian_weighting.extra_repr()

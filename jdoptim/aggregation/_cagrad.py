@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from jdoptim.aggregation._bases import GramianWeightedAggregator, Weighting, check_gramian
+from jdoptim.aggregation._hyper import Hyper, delegated
 from jdoptim.linalg._dual_cone import _nnls, _range_factor
 
 
@@ -95,6 +96,14 @@ def _cagrad_weights(g: np.ndarray, c: float, norm_eps: float, eps: float) -> np.
     return weights
 
 
+def _non_negative(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not (math.isfinite(value) and value >= 0.0):
+        raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+    return float(value)
+
+
 class CAGradWeighting(Weighting):
     r"""The weighting of :class:`CAGrad`, computed from the Gramian ``G = J Jᵀ``.
 
@@ -127,14 +136,13 @@ class CAGradWeighting(Weighting):
     tensor([0.7500, 0.7500], dtype=torch.float64)
     """
 
+    c = Hyper(lambda value: _non_negative("c", value))
+    norm_eps = Hyper(lambda value: _non_negative("norm_eps", value))
+
     def __init__(self, c: float, norm_eps: float = 1e-4) -> None:
-        for name, value in (("c", c), ("norm_eps", norm_eps)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-            if not (math.isfinite(value) and value >= 0.0):
-                raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
-        self.c = float(c)
-        self.norm_eps = float(norm_eps)
+        super().__init__()
+        self.c = c
+        self.norm_eps = norm_eps
 
     def forward(self, gramian: Tensor, /) -> Tensor:
         check_gramian(gramian)
@@ -194,6 +202,9 @@ class CAGrad(GramianWeightedAggregator):
     >>> J @ d
     tensor([1., 1.], dtype=torch.float64)
     """
+
+    c = delegated("c")
+    norm_eps = delegated("norm_eps")
 
     def __init__(self, c: float, norm_eps: float = 1e-4) -> None:
         super().__init__(CAGradWeighting(c, norm_eps))

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from jdoptim.aggregation._bases import GramianWeightedAggregator, Weighting, check_gramian
+from jdoptim.aggregation._hyper import Hyper, delegated
 from jdoptim.aggregation._pref import check_pref_vector, pref_repr, pref_weights
 
 
@@ -35,8 +36,11 @@ class ConFIGWeighting(Weighting):
     tensor([0.7500, 1.5000], dtype=torch.float64)
     """
 
+    pref_vector = Hyper(check_pref_vector)
+
     def __init__(self, pref_vector: Tensor | None = None) -> None:
-        self.pref_vector = check_pref_vector(pref_vector)
+        super().__init__()
+        self.pref_vector = pref_vector
 
     def forward(self, gramian: Tensor, /) -> Tensor:
         check_gramian(gramian)
@@ -102,6 +106,8 @@ class ConFIG(GramianWeightedAggregator):
     >>> ConFIG()(J)  # (2/√2 + 1/√2) · (1, 1)/√2
     tensor([1.5000, 1.5000], dtype=torch.float64)
     """
+
+    pref_vector = delegated("pref_vector")
 
     def __init__(self, pref_vector: Tensor | None = None) -> None:
         super().__init__(ConFIGWeighting(pref_vector))

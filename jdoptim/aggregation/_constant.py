@@ -6,6 +6,17 @@ import torch
 from torch import Tensor
 
 from jdoptim.aggregation._bases import GramianWeightedAggregator, Weighting
+from jdoptim.aggregation._hyper import Hyper
+
+
+def _check_weights(weights: Tensor) -> Tensor:
+    if not isinstance(weights, Tensor):
+        raise TypeError(f"weights must be a Tensor, got {type(weights).__name__}")
+    if weights.ndim != 1:
+        raise ValueError(f"weights must be 1-D, got shape {tuple(weights.shape)}")
+    if not weights.is_floating_point() or not bool(torch.isfinite(weights).all()):
+        raise ValueError("weights must hold finite floating-point values")
+    return weights.detach().clone()
 
 
 class ConstantWeighting(Weighting):
@@ -18,14 +29,11 @@ class ConstantWeighting(Weighting):
     tensor([1., 2.])
     """
 
+    weights = Hyper(_check_weights)
+
     def __init__(self, weights: Tensor) -> None:
-        if not isinstance(weights, Tensor):
-            raise TypeError(f"weights must be a Tensor, got {type(weights).__name__}")
-        if weights.ndim != 1:
-            raise ValueError(f"weights must be 1-D, got shape {tuple(weights.shape)}")
-        if not weights.is_floating_point() or not bool(torch.isfinite(weights).all()):
-            raise ValueError("weights must hold finite floating-point values")
-        self.weights = weights.detach().clone()
+        super().__init__()
+        self.weights = weights
 
     def forward(self, stat: Tensor, /) -> Tensor:
         m = stat.shape[0]
@@ -34,7 +42,7 @@ class ConstantWeighting(Weighting):
         return self.weights.to(dtype=stat.dtype, device=stat.device)
 
     def extra_repr(self) -> str:
-        return f"weights={self.weights.tolist()}"
+        return f"weights={self.weights!r}"
 
 
 class MeanWeighting(Weighting):
@@ -82,6 +90,8 @@ class Constant(GramianWeightedAggregator):
 
     def __init__(self, weights: Tensor) -> None:
         super().__init__(ConstantWeighting(weights))
+        # ``weights(matrix)`` stays the method of every weighted aggregator (TorchJD's Constant
+        # has no ``weights`` attribute either): the vector is ``gramian_weighting.weights``.
 
 
 class Mean(GramianWeightedAggregator):

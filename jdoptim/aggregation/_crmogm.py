@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from jdoptim.aggregation._bases import Weighting
+from jdoptim.aggregation._hyper import Hyper
 from jdoptim.aggregation._random import check_state_keys
 
 
@@ -22,6 +23,14 @@ def _check_initial_weights(weights: Tensor | None) -> Tensor | None:
     if not weights.is_floating_point() or not bool(torch.isfinite(weights).all()):
         raise ValueError("initial_weights must hold finite floating-point values")
     return weights.detach().to(torch.float64).clone()
+
+
+def _check_alpha(alpha: float) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"alpha must be a number, got {type(alpha).__name__}")
+    if not (math.isfinite(alpha) and 0.0 <= alpha <= 1.0):
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    return float(alpha)
 
 
 class CRMOGMWeighting(Weighting):
@@ -73,19 +82,18 @@ class CRMOGMWeighting(Weighting):
     tensor([0.8750, 0.1250])
     """
 
+    alpha = Hyper(_check_alpha)
+    initial_weights = Hyper(_check_initial_weights)
+
     def __init__(
         self, weighting: Weighting, alpha: float = 0.9, initial_weights: Tensor | None = None
     ) -> None:
         if not isinstance(weighting, Weighting):
             raise TypeError(f"weighting must be a Weighting, got {type(weighting).__name__}")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-            raise TypeError(f"alpha must be a number, got {type(alpha).__name__}")
-        if not (math.isfinite(alpha) and 0.0 <= alpha <= 1.0):
-            raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
-        initial_weights = _check_initial_weights(initial_weights)
-        self.weighting = weighting
-        self.alpha = float(alpha)
+        super().__init__()
+        self.alpha = alpha
         self.initial_weights = initial_weights
+        self.weighting = weighting
         self._average: Tensor | None = None
 
     def _previous(self, m: int, device: torch.device) -> Tensor:
@@ -106,21 +114,21 @@ class CRMOGMWeighting(Weighting):
         self._average = average
         return average.to(new.dtype)
 
-    def state_dict(self) -> dict[str, Any]:
+    def get_extra_state(self) -> dict[str, Any]:
+        """The running average (the wrapped weighting's state is its own ``_extra_state``)."""
         average = None if self._average is None else self._average.clone()
-        return {"average": average, "weighting": self.weighting.state_dict()}
+        return {"average": average}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        check_state_keys(state_dict, {"average", "weighting"}, type(self).__name__)
-        average = state_dict["average"]
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        check_state_keys(state, {"average"}, type(self).__name__)
+        average = state["average"]
         if average is not None and (not isinstance(average, Tensor) or average.ndim != 1):
             raise ValueError(f"expected None or a 1-D tensor for 'average', got {average!r}")
-        self.weighting.load_state_dict(state_dict["weighting"])
         self._average = None if average is None else average.detach().to(torch.float64).clone()
 
     def reset(self) -> None:
         self._average = None
-        self.weighting.reset()
+        super().reset()
 
     def extra_repr(self) -> str:
         initial = None if self.initial_weights is None else self.initial_weights.tolist()

@@ -42,6 +42,7 @@ class DoubleSamplingWeighting(Weighting):
     """
 
     def __init__(self) -> None:
+        super().__init__()
         self._lambda: Tensor | None = None
 
     @abstractmethod
@@ -61,10 +62,10 @@ class DoubleSamplingWeighting(Weighting):
             return torch.full((m,), 1.0 / m, dtype=torch.float64, device=cross_gramian.device)
         return self._lambda.to(cross_gramian.device)
 
-    def state_dict(self) -> dict[str, Any]:
+    def get_extra_state(self) -> dict[str, Any]:
         return {"lambda": None if self._lambda is None else self._lambda.clone()}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def set_extra_state(self, state_dict: dict[str, Any]) -> None:
         check_state_keys(state_dict, {"lambda"}, type(self).__name__)
         value = state_dict["lambda"]
         if value is not None and (not isinstance(value, Tensor) or value.ndim != 1):

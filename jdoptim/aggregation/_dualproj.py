@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import Tensor
 
-from jdoptim.aggregation._bases import GramianWeightedAggregator, Weighting, check_gramian
-from jdoptim.aggregation._pref import check_pref_vector, pref_repr, pref_weights
-from jdoptim.linalg import project_weights
+from jdoptim.aggregation._bases import GramianWeightedAggregator, check_gramian
+from jdoptim.aggregation._hyper import delegated
+from jdoptim.aggregation._pref import ProjectionWeighting, pref_weights
 
 
-class DualProjWeighting(Weighting):
+class DualProjWeighting(ProjectionWeighting):
     r"""The weighting of :class:`DualProj`: ``w = p + argmin_{μ >= 0} (p + μ)ᵀ G (p + μ)``.
 
     Parameters
     ----------
     pref_vector:
         Weights ``p`` of the combination to project; ``None`` uses the mean (``p = 1/m``).
+    projector:
+        Solves ``argmin_{v >= u} vᵀ G v`` for the rows ``u`` of a ``[k, m]`` matrix: a callable
+        ``(U, G) -> W``. ``None`` (default) gives the exact
+        :class:`~jdoptim.linalg.ExactProjector`; :class:`~jdoptim.linalg.QuadprogProjector`
+        reproduces TorchJD's regularised answers (TorchJD's projectors are accepted too).
 
     Examples
     --------
@@ -25,16 +32,10 @@ class DualProjWeighting(Weighting):
     tensor([1.0000, 0.5000], dtype=torch.float64)
     """
 
-    def __init__(self, pref_vector: Tensor | None = None) -> None:
-        self.pref_vector = check_pref_vector(pref_vector)
-
     def forward(self, gramian: Tensor, /) -> Tensor:
         check_gramian(gramian)
         pref = pref_weights(self.pref_vector, gramian)
-        return project_weights(gramian, pref.unsqueeze(0))[0]
-
-    def extra_repr(self) -> str:
-        return pref_repr(self.pref_vector)
+        return self.projector(pref, gramian)
 
 
 class DualProj(GramianWeightedAggregator):
@@ -53,6 +54,16 @@ class DualProj(GramianWeightedAggregator):
     Properties: non-conflicting, positively homogeneous, permutation invariant (default
     ``pref_vector``), Gramian-only, stateless, deterministic.
 
+    Parameters
+    ----------
+    pref_vector:
+        Weights of the combination to project; ``None`` uses the mean.
+    projector:
+        Solves ``argmin_{v >= u} vᵀ G v`` for the rows ``u`` of a ``[k, m]`` matrix: a callable
+        ``(U, G) -> W``. ``None`` (default) gives the exact
+        :class:`~jdoptim.linalg.ExactProjector`; :class:`~jdoptim.linalg.QuadprogProjector`
+        reproduces TorchJD's regularised answers (TorchJD's projectors are accepted too).
+
     Examples
     --------
     >>> import torch
@@ -62,5 +73,12 @@ class DualProj(GramianWeightedAggregator):
     tensor([0.0000, 0.5000], dtype=torch.float64)
     """
 
-    def __init__(self, pref_vector: Tensor | None = None) -> None:
-        super().__init__(DualProjWeighting(pref_vector))
+    pref_vector = delegated("pref_vector")
+    projector = delegated("projector")
+
+    def __init__(
+        self,
+        pref_vector: Tensor | None = None,
+        projector: Callable[[Tensor, Tensor], Tensor] | None = None,
+    ) -> None:
+        super().__init__(DualProjWeighting(pref_vector, projector))

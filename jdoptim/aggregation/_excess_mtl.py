@@ -9,9 +9,26 @@ import torch
 from torch import Tensor
 
 from jdoptim.aggregation._bases import WeightedAggregator, Weighting
+from jdoptim.aggregation._hyper import Hyper, delegated
 from jdoptim.aggregation._random import check_state_keys
 
 _KEYS = {"step", "grad_sq_sum", "reference", "log_weights"}
+
+
+def _check_robust_step_size(robust_step_size: float) -> float:
+    if isinstance(robust_step_size, bool) or not isinstance(robust_step_size, (int, float)):
+        raise TypeError(f"robust_step_size must be a number, got {robust_step_size!r}")
+    if not (math.isfinite(robust_step_size) and robust_step_size >= 0.0):
+        raise ValueError(f"robust_step_size must be finite and >= 0, got {robust_step_size}")
+    return float(robust_step_size)
+
+
+def _check_n_warmup_steps(n_warmup_steps: int) -> int:
+    if isinstance(n_warmup_steps, bool) or not isinstance(n_warmup_steps, int):
+        raise TypeError(f"n_warmup_steps must be an int, got {n_warmup_steps!r}")
+    if n_warmup_steps < 0:
+        raise ValueError(f"n_warmup_steps must be >= 0, got {n_warmup_steps}")
+    return n_warmup_steps
 
 
 class ExcessMTLWeighting(Weighting):
@@ -51,16 +68,12 @@ class ExcessMTLWeighting(Weighting):
     tensor([1.2371, 0.7629], dtype=torch.float64)
     """
 
+    robust_step_size = Hyper(_check_robust_step_size)
+    n_warmup_steps = Hyper(_check_n_warmup_steps)
+
     def __init__(self, robust_step_size: float = 1.0, n_warmup_steps: int = 0) -> None:
-        if isinstance(robust_step_size, bool) or not isinstance(robust_step_size, (int, float)):
-            raise TypeError(f"robust_step_size must be a number, got {robust_step_size!r}")
-        if not (math.isfinite(robust_step_size) and robust_step_size >= 0.0):
-            raise ValueError(f"robust_step_size must be finite and >= 0, got {robust_step_size}")
-        if isinstance(n_warmup_steps, bool) or not isinstance(n_warmup_steps, int):
-            raise TypeError(f"n_warmup_steps must be an int, got {n_warmup_steps!r}")
-        if n_warmup_steps < 0:
-            raise ValueError(f"n_warmup_steps must be >= 0, got {n_warmup_steps}")
-        self.robust_step_size = float(robust_step_size)
+        super().__init__()
+        self.robust_step_size = robust_step_size
         self.n_warmup_steps = n_warmup_steps
         self.reset()
 
@@ -93,7 +106,7 @@ class ExcessMTLWeighting(Weighting):
         self._step += 1
         return (m * torch.softmax(self._log_weights, dim=0)).to(matrix.dtype)
 
-    def state_dict(self) -> dict[str, Any]:
+    def get_extra_state(self) -> dict[str, Any]:
         def copy(tensor: Tensor | None) -> Tensor | None:
             return None if tensor is None else tensor.clone()
 
@@ -104,7 +117,7 @@ class ExcessMTLWeighting(Weighting):
             "log_weights": copy(self._log_weights),
         }
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def set_extra_state(self, state_dict: dict[str, Any]) -> None:
         check_state_keys(state_dict, _KEYS, type(self).__name__)
         step = state_dict["step"]
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
@@ -161,6 +174,9 @@ class ExcessMTL(WeightedAggregator):
     >>> ExcessMTL()(J)  # the reference call: the sum of the rows
     tensor([1., 2.], dtype=torch.float64)
     """
+
+    robust_step_size = delegated("robust_step_size", owner="weighting")
+    n_warmup_steps = delegated("n_warmup_steps", owner="weighting")
 
     def __init__(self, robust_step_size: float = 1.0, n_warmup_steps: int = 0) -> None:
         super().__init__(ExcessMTLWeighting(robust_step_size, n_warmup_steps))

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from jdoptim.aggregation._bases import GramianWeightedAggregator, Weighting, check_gramian
+from jdoptim.aggregation._hyper import Hyper, delegated
 
 # A row whose squared norm is below this many eps of the largest is numerically zero.
 ZERO_ROW_RTOL = 100.0
@@ -118,6 +119,22 @@ def solve_fair_weights(
     return weights
 
 
+def _check_alpha(alpha: float) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"alpha must be a number, got {type(alpha).__name__}")
+    if not (math.isfinite(alpha) and alpha > 0.0):
+        raise ValueError(f"alpha must be positive and finite, got {alpha!r}")
+    return float(alpha)
+
+
+def _check_max_iters(max_iters: int | None) -> int | None:
+    if max_iters is not None and (
+        isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1
+    ):
+        raise ValueError(f"max_iters must be None or a positive int, got {max_iters!r}")
+    return max_iters
+
+
 class FairGradWeighting(Weighting):
     r"""The weighting of :class:`FairGrad`: the positive solution of ``G w = w^{-1/α}``.
 
@@ -137,16 +154,12 @@ class FairGradWeighting(Weighting):
     tensor([0.5000, 1.0000], dtype=torch.float64)
     """
 
+    alpha = Hyper(_check_alpha)
+    max_iters = Hyper(_check_max_iters)
+
     def __init__(self, alpha: float, max_iters: int | None = None) -> None:
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-            raise TypeError(f"alpha must be a number, got {type(alpha).__name__}")
-        if not (math.isfinite(alpha) and alpha > 0.0):
-            raise ValueError(f"alpha must be positive and finite, got {alpha!r}")
-        if max_iters is not None and (
-            isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1
-        ):
-            raise ValueError(f"max_iters must be None or a positive int, got {max_iters!r}")
-        self.alpha = float(alpha)
+        super().__init__()
+        self.alpha = alpha
         self.max_iters = max_iters
 
     def forward(self, gramian: Tensor, /) -> Tensor:
@@ -189,3 +202,6 @@ class FairGrad(GramianWeightedAggregator):
 
     def __init__(self, alpha: float, max_iters: int | None = None) -> None:
         super().__init__(FairGradWeighting(alpha, max_iters))
+
+    alpha = delegated("alpha")
+    max_iters = delegated("max_iters")

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from jdoptim.aggregation._bases import Aggregator
+from jdoptim.aggregation._hyper import Hyper
 from jdoptim.aggregation._random import RandomState, Seeded
 
 
@@ -25,6 +26,12 @@ def _check_leak(leak: Tensor | None) -> Tensor | None:
     if not bool(((leak >= 0) & (leak <= 1)).all()):
         raise ValueError(f"leak must hold values in [0, 1], got {leak.tolist()}")
     return leak.detach().clone()
+
+
+def _check_f(f: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    if not callable(f):
+        raise TypeError(f"f must be callable, got {type(f).__name__}")
+    return f
 
 
 class GradDrop(Seeded, Aggregator):
@@ -75,16 +82,18 @@ class GradDrop(Seeded, Aggregator):
     tensor([ 4., -2., -3.], dtype=torch.float64)
     """
 
+    f = Hyper(_check_f)
+    leak = Hyper(_check_leak)
+
     def __init__(
         self,
         f: Callable[[Tensor], Tensor] = _identity,
         leak: Tensor | None = None,
         seed: int | None = None,
     ) -> None:
-        if not callable(f):
-            raise TypeError(f"f must be callable, got {type(f).__name__}")
+        super().__init__()
         self.f = f
-        self.leak = _check_leak(leak)
+        self.leak = leak
         self._rng = RandomState(seed)
 
     def forward(self, matrix: Tensor, /) -> Tensor:
@@ -114,5 +123,4 @@ class GradDrop(Seeded, Aggregator):
 
     def extra_repr(self) -> str:
         f_name = getattr(self.f, "__name__", repr(self.f))
-        leak = None if self.leak is None else self.leak.tolist()
-        return f"f={f_name}, leak={leak}, seed={self._rng.seed}"
+        return f"f={f_name}, leak={self.leak!r}, seed={self._rng.seed}"

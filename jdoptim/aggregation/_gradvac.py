@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from jdoptim.aggregation._bases import GramianWeightedAggregator, Weighting, check_gramian
+from jdoptim.aggregation._hyper import Hyper, delegated
 from jdoptim.aggregation._pcgrad import random_orders
 from jdoptim.aggregation._random import RandomState, check_state_keys
 
@@ -27,7 +28,7 @@ class GradVacWeighting(Weighting):
     As in :class:`~jdoptim.aggregation.PCGradWeighting`, each modified gradient is tracked by its
     coefficients ``g_i' = Jᵀ c_i``, so that ``⟨g_i', g_j⟩ = (G c_i)_j``, ``‖g_i'‖² = c_iᵀ G c_i``
     and ``‖g_j‖² = G_jj``; the weights are ``Σ_i c_i``. The targets ``\hat φ`` (``[m, m]``, float64)
-    are created at the first call (zeros) and are part of :meth:`state_dict` (``None`` before it).
+    are created at the first call (zeros) and are part of its extra state (``None`` before it).
 
     Parameters
     ----------
@@ -45,14 +46,18 @@ class GradVacWeighting(Weighting):
     >>> weighting = GradVacWeighting(beta=0.5, eps=0.0, seed=0)
     >>> weighting(J @ J.T)  # zero targets: PCGrad's projections
     tensor([2.0000, 1.5000], dtype=torch.float64)
-    >>> weighting.state_dict()["targets"]  # (1 - β)·0 + β·cos(g_1, g_2)
+    >>> weighting.get_extra_state()["targets"]  # (1 - β)·0 + β·cos(g_1, g_2)
     tensor([[ 0.0000, -0.3536],
             [-0.3536,  0.0000]], dtype=torch.float64)
     """
 
+    beta = Hyper(lambda value: _check_unit("beta", value, 0.0, 1.0))
+    eps = Hyper(lambda value: _check_unit("eps", value, 0.0, math.inf))
+
     def __init__(self, beta: float = 0.5, eps: float = 1e-8, seed: int | None = None) -> None:
-        self.beta = _check_unit("beta", beta, 0.0, 1.0)
-        self.eps = _check_unit("eps", eps, 0.0, math.inf)
+        super().__init__()
+        self.beta = beta
+        self.eps = eps
         self._rng = RandomState(seed)
         self._targets: Tensor | None = None
 
@@ -98,11 +103,11 @@ class GradVacWeighting(Weighting):
         self._targets = targets
         return coefficients.sum(dim=0).to(gramian.dtype)
 
-    def state_dict(self) -> dict[str, Any]:
+    def get_extra_state(self) -> dict[str, Any]:
         targets = None if self._targets is None else self._targets.clone()
         return {"targets": targets, "rng": self._rng.state_dict()}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def set_extra_state(self, state_dict: dict[str, Any]) -> None:
         check_state_keys(state_dict, {"targets", "rng"}, type(self).__name__)
         targets = state_dict["targets"]
         if targets is not None and (
@@ -169,6 +174,9 @@ class GradVac(GramianWeightedAggregator):
     >>> aggregator(torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64))
     tensor([2., 2.], dtype=torch.float64)
     """
+
+    beta = delegated("beta")
+    eps = delegated("eps")
 
     def __init__(self, beta: float = 0.5, eps: float = 1e-8, seed: int | None = None) -> None:
         super().__init__(GradVacWeighting(beta, eps, seed))

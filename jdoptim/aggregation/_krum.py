@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from jdoptim.aggregation._bases import GramianWeightedAggregator, Weighting, check_gramian
+from jdoptim.aggregation._hyper import Hyper, delegated
 
 
 def _check_count(name: str, value: int, minimum: int) -> int:
@@ -31,7 +32,8 @@ class KrumWeighting(Weighting):
     Parameters
     ----------
     n_byzantine:
-        ``f``, the number of rows that may be arbitrary (``>= 0``); calls need ``m >= 2f + 3``.
+        ``f``, the number of rows that may be arbitrary (``>= 0``); calls need ``m >= f + 3``
+        (the paper's guarantee needs ``m >= 2f + 3``, see :class:`Krum`).
     n_selected:
         ``k``, the number of best-scored rows averaged (``>= 1``, at most ``m``).
 
@@ -43,17 +45,22 @@ class KrumWeighting(Weighting):
     tensor([0., 1., 0., 0., 0.], dtype=torch.float64)
     """
 
+    n_byzantine = Hyper(lambda value: _check_count("n_byzantine", value, 0))
+    n_selected = Hyper(lambda value: _check_count("n_selected", value, 1))
+
     def __init__(self, n_byzantine: int, n_selected: int = 1) -> None:
-        self.n_byzantine = _check_count("n_byzantine", n_byzantine, 0)
-        self.n_selected = _check_count("n_selected", n_selected, 1)
+        super().__init__()
+        self.n_byzantine = n_byzantine
+        self.n_selected = n_selected
 
     def scores(self, gramian: Tensor) -> Tensor:
         """Return the Krum score of each row (float64, shape ``[m]``)."""
         check_gramian(gramian)
         m, f = gramian.shape[0], self.n_byzantine
-        if m < 2 * f + 3:
+        if m < f + 3:
             raise ValueError(
-                f"Krum with n_byzantine={f} needs at least 2 * {f} + 3 = {2 * f + 3} rows, got {m}"
+                f"Krum with n_byzantine={f} needs at least {f} + 3 = {f + 3} rows "
+                f"(each row needs m - f - 2 >= 1 neighbours), got {m}"
             )
         if self.n_selected > m:
             raise ValueError(f"n_selected={self.n_selected} exceeds the number of rows {m}")
@@ -95,8 +102,14 @@ class Krum(GramianWeightedAggregator):
 
     where ``N_i`` holds the ``m - f - 2`` rows nearest to ``g_i`` (other than ``g_i``) and ``S`` the
     ``k = n_selected`` rows of smallest score (rows tied with the ``k``-th share its slots
-    equally, see :class:`KrumWeighting`). It needs ``m >= 2f + 3`` rows and raises a
-    ``ValueError`` otherwise (in particular for one or two rows).
+    equally, see :class:`KrumWeighting`). It needs ``m >= f + 3`` rows, so that every row has at
+    least one neighbour, and raises a ``ValueError`` otherwise (in particular for one or two rows).
+
+    The paper's guarantee, ``(α, f)``-Byzantine resilience (its Proposition 1: the expected
+    update stays within a cone around the true gradient whatever the ``f`` arbitrary rows), is
+    proved for ``m > 2f + 2``. Between ``f + 3`` and ``2f + 2`` rows Krum is computed as defined
+    (as TorchJD accepts it) but nothing bounds the influence of the ``f`` arbitrary rows: with as
+    many of them as honest ones, they can form the most central cluster.
 
     Properties: positively homogeneous (``A(sJ) = s A(J)`` for ``s > 0``: all scores scale by
     ``s²``, so the selection is unchanged), permutation invariant (ties are shared, not broken by
@@ -121,6 +134,9 @@ class Krum(GramianWeightedAggregator):
     >>> Krum(n_byzantine=1, n_selected=3)(J)
     tensor([0.6667, 1.1667], dtype=torch.float64)
     """
+
+    n_byzantine = delegated("n_byzantine")
+    n_selected = delegated("n_selected")
 
     def __init__(self, n_byzantine: int, n_selected: int = 1) -> None:
         super().__init__(KrumWeighting(n_byzantine, n_selected))

@@ -6,6 +6,19 @@ import torch
 from torch import Tensor
 
 from jdoptim.aggregation._bases import GramianWeightedAggregator, Weighting, check_gramian
+from jdoptim.aggregation._hyper import Hyper, delegated
+
+
+def _check_epsilon(epsilon: float) -> float:
+    if not epsilon > 0.0:
+        raise ValueError(f"epsilon must be positive, got {epsilon}")
+    return float(epsilon)
+
+
+def _check_max_iters(max_iters: int) -> int:
+    if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1:
+        raise ValueError(f"max_iters must be a positive int, got {max_iters!r}")
+    return max_iters
 
 
 class MGDAWeighting(Weighting):
@@ -30,12 +43,12 @@ class MGDAWeighting(Weighting):
     tensor([0.2000, 0.8000], dtype=torch.float64)
     """
 
+    epsilon = Hyper(_check_epsilon)
+    max_iters = Hyper(_check_max_iters)
+
     def __init__(self, epsilon: float = 0.001, max_iters: int = 100) -> None:
-        if not epsilon > 0.0:
-            raise ValueError(f"epsilon must be positive, got {epsilon}")
-        if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1:
-            raise ValueError(f"max_iters must be a positive int, got {max_iters!r}")
-        self.epsilon = float(epsilon)
+        super().__init__()
+        self.epsilon = epsilon
         self.max_iters = max_iters
 
     def forward(self, gramian: Tensor, /) -> Tensor:
@@ -89,3 +102,6 @@ class MGDA(GramianWeightedAggregator):
 
     def __init__(self, epsilon: float = 0.001, max_iters: int = 100) -> None:
         super().__init__(MGDAWeighting(epsilon, max_iters))
+
+    epsilon = delegated("epsilon")
+    max_iters = delegated("max_iters")

@@ -7,7 +7,20 @@ import math
 from torch import Tensor
 
 from jdoptim.aggregation._double_sampling import DoubleSamplingWeighting
+from jdoptim.aggregation._hyper import Hyper
 from jdoptim.linalg._simplex import _project_simplex
+
+
+def _check_gamma(gamma: float) -> float:
+    if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
+        raise ValueError(f"gamma must be a positive finite number, got {gamma!r}")
+    return float(gamma)
+
+
+def _check_rho(rho: float) -> float:
+    if not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho >= 0):
+        raise ValueError(f"rho must be a non-negative finite number, got {rho!r}")
+    return float(rho)
 
 
 class MoDoWeighting(DoubleSamplingWeighting):
@@ -53,14 +66,13 @@ class MoDoWeighting(DoubleSamplingWeighting):
     tensor([0.3695, 0.6305], dtype=torch.float64)
     """
 
+    gamma = Hyper(_check_gamma)
+    rho = Hyper(_check_rho)
+
     def __init__(self, gamma: float = 0.1, rho: float = 0.1) -> None:
         super().__init__()
-        if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
-            raise ValueError(f"gamma must be a positive finite number, got {gamma!r}")
-        if not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho >= 0):
-            raise ValueError(f"rho must be a non-negative finite number, got {rho!r}")
-        self.gamma = float(gamma)
-        self.rho = float(rho)
+        self.gamma = gamma
+        self.rho = rho
 
     def weights_from_cross_gramian(self, cross_gramian: Tensor) -> Tensor:
         lam = self._start(cross_gramian)

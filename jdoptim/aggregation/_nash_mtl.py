@@ -10,6 +10,7 @@ from torch import Tensor
 
 from jdoptim.aggregation._bases import GramianWeightedAggregator, Weighting, check_gramian
 from jdoptim.aggregation._fairgrad import solve_fair_weights
+from jdoptim.aggregation._hyper import Hyper, delegated
 from jdoptim.aggregation._random import check_state_keys
 
 
@@ -19,6 +20,14 @@ def _positive_int(name: str, value: int) -> int:
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
     return value
+
+
+def _check_max_norm(max_norm: float) -> float:
+    if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)):
+        raise TypeError(f"max_norm must be a number, got {type(max_norm).__name__}")
+    if not (math.isfinite(max_norm) and max_norm >= 0.0):
+        raise ValueError(f"max_norm must be finite and >= 0 (0 disables it), got {max_norm!r}")
+    return float(max_norm)
 
 
 class NashMTLWeighting(Weighting):
@@ -42,6 +51,10 @@ class NashMTLWeighting(Weighting):
     tensor([1.2910, 1.1180], dtype=torch.float64)
     """
 
+    max_norm = Hyper(_check_max_norm)
+    update_weights_every = Hyper(lambda value: _positive_int("update_weights_every", value))
+    optim_niter = Hyper(lambda value: _positive_int("optim_niter", value))
+
     def __init__(
         self,
         n_tasks: int,
@@ -49,14 +62,11 @@ class NashMTLWeighting(Weighting):
         update_weights_every: int = 1,
         optim_niter: int = 20,
     ) -> None:
-        self.n_tasks = _positive_int("n_tasks", n_tasks)
-        if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)):
-            raise TypeError(f"max_norm must be a number, got {type(max_norm).__name__}")
-        if not (math.isfinite(max_norm) and max_norm >= 0.0):
-            raise ValueError(f"max_norm must be finite and >= 0 (0 disables it), got {max_norm!r}")
-        self.max_norm = float(max_norm)
-        self.update_weights_every = _positive_int("update_weights_every", update_weights_every)
-        self.optim_niter = _positive_int("optim_niter", optim_niter)
+        super().__init__()
+        self.n_tasks = _positive_int("n_tasks", n_tasks)  # the state's size: fixed
+        self.max_norm = max_norm
+        self.update_weights_every = update_weights_every
+        self.optim_niter = optim_niter
         self.reset()
 
     def forward(self, gramian: Tensor, /) -> Tensor:
@@ -79,10 +89,10 @@ class NashMTLWeighting(Weighting):
                 weights = weights * (self.max_norm / update_norm)
         return weights.to(gramian.dtype)
 
-    def state_dict(self) -> dict[str, Any]:
+    def get_extra_state(self) -> dict[str, Any]:
         return {"step": self._step, "weights": self._weights.clone()}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def set_extra_state(self, state_dict: dict[str, Any]) -> None:
         check_state_keys(state_dict, {"step", "weights"}, type(self).__name__)
         step, weights = state_dict["step"], state_dict["weights"]
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
@@ -156,3 +166,12 @@ class NashMTL(GramianWeightedAggregator):
         optim_niter: int = 20,
     ) -> None:
         super().__init__(NashMTLWeighting(n_tasks, max_norm, update_weights_every, optim_niter))
+
+    max_norm = delegated("max_norm")
+    update_weights_every = delegated("update_weights_every")
+    optim_niter = delegated("optim_niter")
+
+    @property
+    def n_tasks(self) -> int:
+        """The number of tasks the state is sized for (fixed at construction)."""
+        return self.gramian_weighting.n_tasks

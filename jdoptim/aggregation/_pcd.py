@@ -12,6 +12,7 @@ from torch import Tensor
 
 from jdoptim.aggregation._aligned_mtl import kept_spectrum
 from jdoptim.aggregation._bases import GramianWeightedAggregator, Weighting, check_gramian
+from jdoptim.aggregation._hyper import Hyper, delegated
 from jdoptim.aggregation._random import check_state_keys
 
 
@@ -35,6 +36,14 @@ def _multipliers(factor: np.ndarray, bounds: np.ndarray) -> np.ndarray | None:
     return np.maximum(solution[4], 0.0)
 
 
+def _check_eps(eps: float) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a number, got {type(eps).__name__}")
+    if not (math.isfinite(eps) and 0.0 < eps < 1.0):
+        raise ValueError(f"eps must be in (0, 1), got {eps!r}")
+    return float(eps)
+
+
 class PCDWeighting(Weighting):
     r"""The weighting of :class:`PCD` (row 0 is the primary task).
 
@@ -53,14 +62,15 @@ class PCDWeighting(Weighting):
     tensor([1.0000, 0.8536], dtype=torch.float64)
     """
 
+    tau = Hyper(lambda value: _fraction("tau", value, upper_open=False))
+    beta = Hyper(lambda value: _fraction("beta", value, upper_open=True))
+    eps = Hyper(_check_eps)
+
     def __init__(self, tau: float = 0.02, beta: float = 0.999, eps: float = 1e-8) -> None:
-        self.tau = _fraction("tau", tau, upper_open=False)
-        self.beta = _fraction("beta", beta, upper_open=True)
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-            raise TypeError(f"eps must be a number, got {type(eps).__name__}")
-        if not (math.isfinite(eps) and 0.0 < eps < 1.0):
-            raise ValueError(f"eps must be in (0, 1), got {eps!r}")
-        self.eps = float(eps)
+        super().__init__()
+        self.tau = tau
+        self.beta = beta
+        self.eps = eps
         self.reset()
 
     def forward(self, gramian: Tensor, /) -> Tensor:
@@ -92,11 +102,11 @@ class PCDWeighting(Weighting):
         multipliers[0] = 1.0
         return (inverse * multipliers.to(g.device)).to(gramian.dtype)
 
-    def state_dict(self) -> dict[str, Any]:
+    def get_extra_state(self) -> dict[str, Any]:
         ema = None if self._ema is None else self._ema.clone()
         return {"step": self._step, "sq_norm_ema": ema}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def set_extra_state(self, state_dict: dict[str, Any]) -> None:
         check_state_keys(state_dict, {"step", "sq_norm_ema"}, type(self).__name__)
         step, ema = state_dict["step"], state_dict["sq_norm_ema"]
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
@@ -155,6 +165,10 @@ class PCD(GramianWeightedAggregator):
     >>> round(float(J[1] @ d / J[1].norm()), 12)  # g̃_2ᵀ d = τ ‖g̃_2‖² = 0.5
     0.5
     """
+
+    tau = delegated("tau")
+    beta = delegated("beta")
+    eps = delegated("eps")
 
     def __init__(self, tau: float = 0.02, beta: float = 0.999, eps: float = 1e-8) -> None:
         super().__init__(PCDWeighting(tau, beta, eps))

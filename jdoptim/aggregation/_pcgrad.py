@@ -46,6 +46,7 @@ class PCGradWeighting(Seeded, Weighting):
     """
 
     def __init__(self, seed: int | None = None) -> None:
+        super().__init__()
         self._rng = RandomState(seed)
 
     def forward(self, gramian: Tensor, /) -> Tensor:

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
+
+from jdoptim.aggregation._bases import Weighting
+from jdoptim.aggregation._hyper import Hyper
+from jdoptim.linalg._projector import check_projector
 
 
 def check_pref_vector(pref_vector: Tensor | None) -> Tensor | None:
@@ -33,6 +39,23 @@ def pref_weights(pref_vector: Tensor | None, like: Tensor) -> Tensor:
 
 def pref_repr(pref_vector: Tensor | None) -> str:
     """The ``pref_vector=...`` part of a ``repr``."""
-    if pref_vector is None:
-        return "pref_vector=None"
-    return f"pref_vector={pref_vector.tolist()}"
+    return f"pref_vector={pref_vector!r}"
+
+
+class ProjectionWeighting(Weighting):
+    """The scaffolding of UPGrad's and DualProj's weightings: a preference and a projector."""
+
+    pref_vector = Hyper(check_pref_vector)
+    projector = Hyper(check_projector)
+
+    def __init__(
+        self,
+        pref_vector: Tensor | None = None,
+        projector: Callable[[Tensor, Tensor], Tensor] | None = None,
+    ) -> None:
+        super().__init__()
+        self.pref_vector = pref_vector
+        self.projector = projector
+
+    def extra_repr(self) -> str:
+        return f"{pref_repr(self.pref_vector)}, projector={self.projector!r}"

@@ -15,6 +15,13 @@ class RandomState:
     resumed run continues with the same random draws. Draw on the CPU with ``generator=`` and move
     the result to the device of the data.
 
+    How this differs from TorchJD: its random methods draw from torch's global generator at each
+    call, so their draws depend on everything else that uses it, and a checkpoint does not hold
+    them. Here each method owns its generator: ``seed=`` fixes its draws whatever else runs, and
+    its state travels in ``state_dict()`` (the method's ``_extra_state``), so a resumed run draws
+    what the uninterrupted run would have drawn. With ``seed=None`` the two agree in one respect:
+    ``torch.manual_seed`` before building the method makes a run reproducible.
+
     Parameters
     ----------
     seed:
@@ -48,13 +55,13 @@ class Seeded:
 
     _rng: RandomState
 
-    def state_dict(self) -> dict[str, Any]:
+    def get_extra_state(self) -> dict[str, Any]:
         """The generator's state (see :meth:`RandomState.state_dict`)."""
         return self._rng.state_dict()
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the generator's state saved by :meth:`state_dict`."""
-        self._rng.load_state_dict(state_dict)
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore the generator's state saved by :meth:`get_extra_state`."""
+        self._rng.load_state_dict(state)
 
     def reset(self) -> None:
         """Re-seed the generator with its initial seed."""

@@ -30,6 +30,7 @@ class RandomWeighting(Seeded, Weighting):
     """
 
     def __init__(self, seed: int | None = None) -> None:
+        super().__init__()
         self._rng = RandomState(seed)
 
     def forward(self, gramian: Tensor, /) -> Tensor:
@@ -56,6 +57,12 @@ class Random(GramianWeightedAggregator):
     Properties: random (the generator is saved in ``state_dict``; ``reset()`` re-seeds it),
     linear and positively homogeneous for given draws, Gramian-only (it only needs ``m``).
     Permutation invariant in distribution only, not for given draws. Not non-conflicting.
+
+    Seeding differs from TorchJD, whose random methods draw from torch's global generator at
+    every call: here the draws come from the method's own generator (seeded once, saved in
+    ``state_dict()``, restarted by ``reset()``), so they do not depend on what else draws random
+    numbers, and a resumed run draws what the uninterrupted one would have. The same holds for
+    ``PCGrad``, ``GradVac`` and ``GradDrop``. The draws themselves differ from TorchJD's.
 
     Parameters
     ----------

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from jdoptim.aggregation._double_sampling import DoubleSamplingWeighting
+from jdoptim.aggregation._hyper import Hyper
 from jdoptim.aggregation._pref import check_pref_vector, pref_repr, pref_weights
 from jdoptim.linalg._simplex import _project_simplex
 
@@ -18,6 +19,26 @@ def _check_number(name: str, value: float, low: float, high: float = math.inf) -
     if not (math.isfinite(value) and low <= value <= high):
         raise ValueError(f"{name} must be finite and in [{low}, {high}], got {value!r}")
     return float(value)
+
+
+def _check_lr(lr: float) -> float:
+    lr = _check_number("lr", lr, 0.0)
+    if lr == 0.0:
+        raise ValueError("lr must be positive, got 0.0")
+    return lr
+
+
+def _check_momentum(momentum: float) -> float:
+    momentum = _check_number("momentum", momentum, 0.0, 1.0)
+    if momentum == 1.0:
+        raise ValueError("momentum must be < 1, got 1.0")
+    return momentum
+
+
+def _check_n_iter(n_iter: int) -> int:
+    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
+        raise ValueError(f"n_iter must be a positive int, got {n_iter!r}")
+    return n_iter
 
 
 class SDMGradWeighting(DoubleSamplingWeighting):
@@ -74,6 +95,12 @@ class SDMGradWeighting(DoubleSamplingWeighting):
     tensor([0.5333, 0.4667], dtype=torch.float64)
     """
 
+    lr = Hyper(_check_lr)
+    momentum = Hyper(_check_momentum)
+    n_iter = Hyper(_check_n_iter)
+    lambda_ = Hyper(lambda value: _check_number("lambda_", value, 0.0))
+    pref_vector = Hyper(check_pref_vector)
+
     def __init__(
         self,
         lr: float = 10.0,
@@ -83,17 +110,11 @@ class SDMGradWeighting(DoubleSamplingWeighting):
         pref_vector: Tensor | None = None,
     ) -> None:
         super().__init__()
-        self.lr = _check_number("lr", lr, 0.0)
-        if self.lr == 0.0:
-            raise ValueError("lr must be positive, got 0.0")
-        self.momentum = _check_number("momentum", momentum, 0.0, 1.0)
-        if self.momentum == 1.0:
-            raise ValueError("momentum must be < 1, got 1.0")
-        if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
-            raise ValueError(f"n_iter must be a positive int, got {n_iter!r}")
+        self.lr = lr
+        self.momentum = momentum
         self.n_iter = n_iter
-        self.lambda_ = _check_number("lambda_", lambda_, 0.0)
-        self.pref_vector = check_pref_vector(pref_vector)
+        self.lambda_ = lambda_
+        self.pref_vector = pref_vector
 
     def weights_from_cross_gramian(self, cross_gramian: Tensor) -> Tensor:
         w = self._start(cross_gramian)

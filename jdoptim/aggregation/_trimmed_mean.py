@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from jdoptim.aggregation._bases import Aggregator
+from jdoptim.aggregation._hyper import Hyper
 
 
 def _trimmed_mean_torch(matrix: Tensor, t: int) -> Tensor:
@@ -20,6 +21,14 @@ def _trimmed_mean_numpy(matrix: Tensor, t: int) -> Tensor:
     m = matrix.shape[0]
     middle = np.partition(matrix.detach().numpy(), [t, m - t - 1], axis=0)[t : m - t]
     return torch.from_numpy(middle.mean(axis=0, dtype=middle.dtype))
+
+
+def _check_trim_number(trim_number: int) -> int:
+    if isinstance(trim_number, bool) or not isinstance(trim_number, int):
+        raise TypeError(f"trim_number must be an int, got {type(trim_number).__name__}")
+    if trim_number < 0:
+        raise ValueError(f"trim_number must be >= 0, got {trim_number}")
+    return trim_number
 
 
 class TrimmedMean(Aggregator):
@@ -57,11 +66,10 @@ class TrimmedMean(Aggregator):
     tensor([2.5000, 1.5000])
     """
 
+    trim_number = Hyper(_check_trim_number)
+
     def __init__(self, trim_number: int) -> None:
-        if isinstance(trim_number, bool) or not isinstance(trim_number, int):
-            raise TypeError(f"trim_number must be an int, got {type(trim_number).__name__}")
-        if trim_number < 0:
-            raise ValueError(f"trim_number must be >= 0, got {trim_number}")
+        super().__init__()
         self.trim_number = trim_number
 
     def forward(self, matrix: Tensor, /) -> Tensor:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
-from jdoptim.aggregation._bases import GramianWeightedAggregator, Weighting, check_gramian
-from jdoptim.aggregation._pref import check_pref_vector, pref_repr, pref_weights
-from jdoptim.linalg import project_weights
+from jdoptim.aggregation._bases import GramianWeightedAggregator, check_gramian
+from jdoptim.aggregation._hyper import delegated
+from jdoptim.aggregation._pref import ProjectionWeighting, pref_weights
 
 
-class UPGradWeighting(Weighting):
+class UPGradWeighting(ProjectionWeighting):
     r"""The weighting of :class:`UPGrad`, computed from the Gramian ``G = J Jᵀ``.
 
     .. math::
@@ -24,6 +26,11 @@ class UPGradWeighting(Weighting):
     ----------
     pref_vector:
         Weights ``p`` of the projected rows; ``None`` averages them (``p = 1/m``).
+    projector:
+        Solves ``argmin_{v >= u} vᵀ G v`` for the rows ``u`` of a ``[k, m]`` matrix: a callable
+        ``(U, G) -> W``. ``None`` (default) gives the exact
+        :class:`~jdoptim.linalg.ExactProjector`; :class:`~jdoptim.linalg.QuadprogProjector`
+        reproduces TorchJD's regularised answers (TorchJD's projectors are accepted too).
 
     Examples
     --------
@@ -33,20 +40,14 @@ class UPGradWeighting(Weighting):
     tensor([1.0000, 0.7500], dtype=torch.float64)
     """
 
-    def __init__(self, pref_vector: Tensor | None = None) -> None:
-        self.pref_vector = check_pref_vector(pref_vector)
-
     def forward(self, gramian: Tensor, /) -> Tensor:
         check_gramian(gramian)
         pref = pref_weights(self.pref_vector, gramian)
         m = gramian.shape[0]
-        projections = project_weights(
-            gramian, torch.eye(m, dtype=gramian.dtype, device=gramian.device)
+        projections = self.projector(
+            torch.eye(m, dtype=gramian.dtype, device=gramian.device), gramian
         )
         return pref @ projections
-
-    def extra_repr(self) -> str:
-        return pref_repr(self.pref_vector)
 
 
 class UPGrad(GramianWeightedAggregator):
@@ -70,6 +71,11 @@ class UPGrad(GramianWeightedAggregator):
     ----------
     pref_vector:
         Weights of the projected rows; ``None`` averages them.
+    projector:
+        Solves ``argmin_{v >= u} vᵀ G v`` for the rows ``u`` of a ``[k, m]`` matrix: a callable
+        ``(U, G) -> W``. ``None`` (default) gives the exact
+        :class:`~jdoptim.linalg.ExactProjector`; :class:`~jdoptim.linalg.QuadprogProjector`
+        reproduces TorchJD's regularised answers (TorchJD's projectors are accepted too).
 
     Examples
     --------
@@ -83,5 +89,12 @@ class UPGrad(GramianWeightedAggregator):
     True
     """
 
-    def __init__(self, pref_vector: Tensor | None = None) -> None:
-        super().__init__(UPGradWeighting(pref_vector))
+    pref_vector = delegated("pref_vector")
+    projector = delegated("projector")
+
+    def __init__(
+        self,
+        pref_vector: Tensor | None = None,
+        projector: Callable[[Tensor, Tensor], Tensor] | None = None,
+    ) -> None:
+        super().__init__(UPGradWeighting(pref_vector, projector))

@@ -81,6 +81,6 @@ def aggregate_jacobians(
     by block, and the update ``Jᵀ w`` is formed block by block too; any other aggregator gets the
     concatenated ``[m, n]`` matrix.
     """
-    if isinstance(aggregator, GramianWeightedAggregator):
+    if isinstance(aggregator, GramianWeightedAggregator) and not aggregator.observes_matrix:
         return weighted_blocks(aggregator.weights_from_gramian(gramian(jacobians)), jacobians)
     return split_update(aggregator(concat_rows(jacobians)), jacobians)

@@ -172,9 +172,11 @@ def test_weighting_consistency(entry: Entry, base: np.ndarray, dtype: torch.dtyp
     update = aggregator(matrix)
     aggregator.reset()
     if isinstance(aggregator, GramianWeightedAggregator):
-        weights = aggregator.weighting(matrix @ matrix.T)
+        weights = aggregator.gramian_weighting(matrix @ matrix.T)
         aggregator.reset()
         assert torch.equal(aggregator.weights_from_gramian(matrix @ matrix.T), weights)
+        aggregator.reset()
+        assert torch.equal(aggregator.weighting(matrix), weights)  # J ↦ W(J Jᵀ), as TorchJD's
     else:
         weights = aggregator.weighting(matrix)
     assert weights.shape == (matrix.shape[0],)

@@ -17,6 +17,7 @@ class Scripted(Weighting):
     """Return the next of a list of weight vectors, whatever the input (stateless for the test)."""
 
     def __init__(self, outputs: list[torch.Tensor]) -> None:
+        super().__init__()
         self.outputs = outputs
         self.calls = 0
 
@@ -55,8 +56,10 @@ def test_state_round_trip_with_a_stateful_inner_weighting():
     first = CRMOGMWeighting(MoDoWeighting(gamma=0.2), alpha=0.7)
     for c in crosses[:3]:
         first(c)
-    state = first.state_dict()
-    assert set(state) == {"average", "weighting"} and set(state["weighting"]) == {"lambda"}
+    state = first.state_dict()  # torch's layout: each module's state under its own key
+    assert set(state) == {"_extra_state", "weighting._extra_state"}
+    assert set(state["_extra_state"]) == {"average"}
+    assert set(state["weighting._extra_state"]) == {"lambda"}
     fresh = CRMOGMWeighting(MoDoWeighting(gamma=0.2), alpha=0.7)
     fresh.load_state_dict(state)
     for c in crosses[3:]:
@@ -67,17 +70,25 @@ def test_reset_clears_both_states():
     weighting = CRMOGMWeighting(MoDoWeighting(), alpha=0.5)
     weighting(torch.eye(2))
     weighting.reset()
-    assert weighting.state_dict() == {"average": None, "weighting": {"lambda": None}}
+    assert weighting.state_dict() == {
+        "_extra_state": {"average": None},
+        "weighting._extra_state": {"lambda": None},
+    }
 
 
 def test_strict_loading():
     weighting = CRMOGMWeighting(MeanWeighting())
+    weighting(torch.eye(2))
+    saved = weighting.get_extra_state()
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \"_extra_state\""):
+        weighting.load_state_dict({})
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\) in state_dict: \"weighting"):
+        weighting.load_state_dict({"_extra_state": {"average": None}, "weighting._extra_state": 1})
     with pytest.raises(KeyError, match="missing keys"):
-        weighting.load_state_dict({"average": None})
-    with pytest.raises(ValueError, match="stateless"):
-        weighting.load_state_dict({"average": None, "weighting": {"x": 1}})
+        weighting.load_state_dict({"_extra_state": {}})
     with pytest.raises(ValueError, match="1-D"):
-        weighting.load_state_dict({"average": torch.zeros(2, 2), "weighting": {}})
+        weighting.load_state_dict({"_extra_state": {"average": torch.zeros(2, 2)}})
+    assert torch.equal(weighting.get_extra_state()["average"], saved["average"])  # unchanged
 
 
 def test_changing_m():

@@ -78,7 +78,7 @@ def test_end_to_end_with_jac_on_two_batches():
     assert weights.shape == (2,) and abs(float(weights.sum()) - 1.0) < 1e-12
     for p, a, b in zip(params, j1, j2, strict=True):
         assert torch.allclose(p.grad, torch.tensordot(weights, (a + b) / 2, dims=1))
-    assert weighting.state_dict()["lambda"] is not None
+    assert weighting.get_extra_state()["lambda"] is not None
 
 
 def test_bad_arguments():

@@ -46,7 +46,9 @@ def test_matches_the_paper_loop_over_steps(beta, eps):
         actual = aggregator(torch.from_numpy(rows))
         scale = np.abs(rows).max()
         np.testing.assert_allclose(actual.numpy(), expected, rtol=1e-9, atol=1e-9 * scale)
-        np.testing.assert_allclose(aggregator.state_dict()["targets"].numpy(), targets, atol=1e-9)
+        np.testing.assert_allclose(
+            aggregator.gramian_weighting.get_extra_state()["targets"].numpy(), targets, atol=1e-9
+        )
 
 
 def test_first_step_is_pcgrad():
@@ -58,7 +60,7 @@ def test_two_tasks_reach_the_target_cosine():
     J = torch.tensor([[1.0, 0.2, 0.0], [0.3, 1.0, -0.5]], dtype=torch.float64)
     weighting = GradVacWeighting(beta=1.0, eps=0.0, seed=0)
     weighting(J @ J.T)  # targets := current cosine 0.34 between the rows
-    target = float(weighting.state_dict()["targets"][0, 1])
+    target = float(weighting.get_extra_state()["targets"][0, 1])
     rotated = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
     weights = weighting(rotated @ rotated.T)  # cosine 0 < target: pulled up to it
     g1 = rotated[0] + (weights[1] - 1) * rotated[1]  # weights = (1 + w_21, 1 + w_12), w_12 = w_21
@@ -83,7 +85,7 @@ def test_zero_row_is_skipped_and_target_kept():
     rows = np.concatenate([_inputs.conflicting(3, 4, 3), np.zeros((1, 4))])
     aggregator = GradVac(seed=0)
     update = aggregator(torch.from_numpy(rows))
-    targets = aggregator.state_dict()["targets"]
+    targets = aggregator.gramian_weighting.get_extra_state()["targets"]
     assert torch.equal(targets[3], torch.zeros(4, dtype=torch.float64))
     assert torch.equal(targets[:, 3], torch.zeros(4, dtype=torch.float64))
     without = GradVac(seed=0)
@@ -95,7 +97,7 @@ def test_state_before_and_after_the_first_call_loads_into_a_fresh_instance():
     J = torch.from_numpy(_inputs.conflicting(4, 5, 5))
     aggregator = GradVac(seed=7)
     initial = copy.deepcopy(aggregator.state_dict())
-    assert initial["targets"] is None
+    assert initial["gramian_weighting._extra_state"]["targets"] is None
     first = aggregator(J)
     saved = copy.deepcopy(aggregator.state_dict())
     expected = [aggregator(J) for _ in range(3)]
@@ -104,17 +106,18 @@ def test_state_before_and_after_the_first_call_loads_into_a_fresh_instance():
         fresh.load_state_dict(state)
         assert all(torch.equal(fresh(J), e) for e in outputs)
     aggregator.reset()
-    assert aggregator.state_dict()["targets"] is None
+    assert aggregator.gramian_weighting.get_extra_state()["targets"] is None
     assert torch.equal(aggregator(J), first)
 
 
 def test_bad_state_and_changing_number_of_rows():
     aggregator = GradVac(seed=0)
+    weighting = aggregator.gramian_weighting
     with pytest.raises(KeyError, match="missing keys"):
-        aggregator.load_state_dict({"targets": None})
+        weighting.set_extra_state({"targets": None})
     with pytest.raises(ValueError, match="square matrix"):
-        rng = aggregator.state_dict()["rng"]
-        aggregator.load_state_dict({"targets": torch.zeros(3), "rng": rng})
+        rng = weighting.get_extra_state()["rng"]
+        weighting.set_extra_state({"targets": torch.zeros(3), "rng": rng})
     aggregator(torch.eye(3))
     with pytest.raises(ValueError, match="targets are for 3 tasks but got 4 rows"):
         aggregator(torch.eye(4))

@@ -132,8 +132,8 @@ def test_finite_output(J, dtype):
 
 
 def test_undefined_inputs_raise():
-    with pytest.raises(ValueError, match=r"needs at least 2 \* 1 \+ 3 = 5 rows, got 4"):
-        Krum(1)(torch.randn(4, 3))
+    with pytest.raises(ValueError, match=r"needs at least 1 \+ 3 = 4 rows .*, got 3"):
+        Krum(1)(torch.randn(3, 3))
     with pytest.raises(ValueError, match="got 1"):
         Krum(0)(torch.randn(1, 3))
     with pytest.raises(ValueError, match="n_selected=6 exceeds the number of rows 5"):
@@ -159,6 +159,6 @@ def test_stateless_and_repr():
     aggregator = Krum(2, 3)
     assert aggregator.state_dict() == {}
     aggregator.load_state_dict({})
-    with pytest.raises(ValueError):
+    with pytest.raises(RuntimeError, match="Unexpected key"):
         aggregator.load_state_dict({"x": 1})
     assert repr(aggregator) == "Krum(n_byzantine=2, n_selected=3)"

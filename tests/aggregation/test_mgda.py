@@ -57,7 +57,7 @@ def test_against_slsqp(matrix, epsilon):
     assert np.linalg.norm(update - expected) <= allowed
     radius = np.linalg.norm(matrix, axis=1).max()
     assert (matrix @ update).min() >= -4 * epsilon * radius**2
-    weights = aggregator.weighting(to_torch(matrix @ matrix.T))
+    weights = aggregator.gramian_weighting(to_torch(matrix @ matrix.T))
     assert bool((weights >= 0).all())
     assert abs(float(weights.sum()) - 1.0) <= 1e-12
 

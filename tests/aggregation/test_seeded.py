@@ -45,7 +45,17 @@ def test_seed_fresh_draws_state_round_trip_and_reset(name: str) -> None:
     unseeded = make()
     torch.manual_seed(0)
     assert torch.equal(unseeded(j), make()(j))
-    with pytest.raises(KeyError, match="unexpected keys"):
+    before = copy.deepcopy(fresh.state_dict())
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\) in state_dict: \"extra\""):
         fresh.load_state_dict({**saved, "extra": 1})
-    with pytest.raises(KeyError, match="missing keys"):
+    with pytest.raises(
+        RuntimeError, match=r"Missing key\(s\) in state_dict: \"[a-z_.]*_extra_state"
+    ):
         fresh.load_state_dict({})
+    (key,) = saved  # the generator's state, under the owning module's name
+    with pytest.raises(KeyError, match="missing keys"):
+        fresh.load_state_dict({key: {}})
+    # The loads that raised left the state as it was, so the next draws are unchanged.
+    after = make(seed=5)
+    after.load_state_dict(before)
+    assert torch.equal(fresh(j), after(j))
