@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
 
 import torch
@@ -379,13 +380,14 @@ class JacobianOptimizer(Optimizer):
             raise TypeError(f"accumulate must be a bool, got {type(accumulate).__name__}")
         hooks = self.__dict__.get("_step_record_hooks")
         if not hooks or accumulate:
-            vector = self._backward(losses, accumulate)
+            with _autocast_off():
+                vector = self._backward(losses, accumulate)
             self._grad_written = self._grad_written or not accumulate
             return vector
         engine = (
             "per-sample" if isinstance(self.gramian_engine, PerSampleEngine) else "layer-gramian"
         )
-        with capture(self.aggregator, self.engine) as seen:
+        with _autocast_off(), capture(self.aggregator, self.engine) as seen:
             vector = self._backward(losses, accumulate)
         self._grad_written = True
         record = seen.record(vector / self._scale(), engine)
@@ -645,6 +647,18 @@ class JacobianOptimizer(Optimizer):
             raise
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+
+@contextlib.contextmanager
+def _autocast_off() -> Iterator[None]:
+    """Run the Jacobian and the aggregation in the parameters' dtypes, even inside an autocast
+    region (Lightning's mixed precision runs the whole training step, ``step`` included, under
+    autocast; the losses were already computed there)."""
+    with contextlib.ExitStack() as stack:
+        for device in ("cpu", "cuda"):
+            if torch.is_autocast_enabled(device):
+                stack.enter_context(torch.autocast(device, enabled=False))
+        yield
 
 
 _HABIT = (
