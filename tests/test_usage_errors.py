@@ -121,3 +121,24 @@ def test_the_step_under_autocast_aggregates_in_the_parameters_dtype():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         opt.step(lambda: model(x).pow(2).mean(dim=0))
     assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+def test_the_layer_gramian_engine_under_autocast_matches_the_jacobian_path():
+    """Autocast records bf16 layer inputs; the Gramian and the update use the weights' dtype."""
+    updates = []
+    for path in ("auto", "jacobian"):
+        torch.manual_seed(0)
+        trunk, head = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8)), nn.Linear(8, 3)
+        params = [*trunk.parameters(), *head.parameters()]
+        opt = JacobianOptimizer(
+            torch.optim.SGD(params, lr=0.1), UPGrad(), shared_params=trunk.parameters(), path=path
+        )
+        x = torch.randn(16, 4)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            opt.step(lambda h=head, t=trunk, x=x: h(t(x)).float().pow(2).mean(dim=0))
+        assert (opt.gramian_engine is not None) == (path == "auto")
+        updates.append([p.grad for p in params])
+    for a, b in zip(*updates, strict=True):
+        assert a.dtype == torch.float32
+        # Both differentiate the same bf16 graph, with different roundings (bf16: 8 bits).
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-2 * float(b.abs().max()))
