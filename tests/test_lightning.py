@@ -161,6 +161,72 @@ def test_bf16_mixed_matches_the_same_steps_under_autocast(form):
     _assert_same_parameters(module.model, _plain_steps(autocast=torch.bfloat16))
 
 
+class _ScaledModule(_Module):
+    """Under ``16-mixed`` Lightning calls the closure, then ``scaler.step(opt)`` without it."""
+
+    def configure_optimizers(self):
+        scaler = self.trainer.precision_plugin.scaler
+        sgd = torch.optim.SGD(self.model.parameters(), lr=0.1)
+        return JacobianOptimizer(sgd, UPGrad(), grad_scaler=scaler)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        opt = self.optimizers()
+        scaler = self.trainer.precision_plugin.scaler
+
+        def closure():
+            opt.zero_grad()
+            opt.optimizer.backward(scaler.scale(_losses(self.model, x, y)))  # two-phase
+
+        opt.step(closure=closure)
+
+
+def test_item23_16_mixed_with_a_grad_scaler_matches_the_same_steps():
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu")
+    module = _ScaledModule("closure")
+    trainer = _fit(module, plugins=[MixedPrecision("16-mixed", "cpu", scaler)])
+    assert trainer.global_step == STEPS
+    model = _model()
+    x, y = _data()
+    ref_scaler = torch.amp.GradScaler("cpu")
+    opt = JacobianOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), UPGrad(), grad_scaler=ref_scaler
+    )
+    for _ in range(STEPS):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            losses = _losses(model, x, y)
+        opt.backward(ref_scaler.scale(losses))
+        ref_scaler.step(opt)
+        ref_scaler.update()
+    assert scaler.get_scale() == ref_scaler.get_scale()
+    _assert_same_parameters(module.model, model)
+
+
+class _Automatic(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = _model()
+
+    def configure_optimizers(self):
+        return JacobianOptimizer(torch.optim.SGD(self.model.parameters(), lr=0.1), UPGrad())
+
+    def training_step(self, batch, batch_idx):
+        return _losses(self.model, *batch).sum()
+
+
+def test_automatic_optimisation_says_to_use_manual_optimisation():
+    """Lightning's automatic closure backpropagates the scalar loss itself."""
+    module = _Automatic()
+    before = [p.detach().clone() for p in module.model.parameters()]
+    with pytest.raises(RuntimeError, match=r"did it call loss\.backward\(\)\?.*return them"):
+        _fit(module)
+    for p, q in zip(module.model.parameters(), before, strict=True):
+        assert torch.equal(p.detach(), q)
+
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
