@@ -114,27 +114,32 @@ class StepRecord:
 
 
 class _Seen:
-    """What the aggregator was called with during one step (filled by :func:`capture`)."""
+    """What a non-Gramian aggregator was called with during one step (filled by :func:`capture`)."""
 
     def __init__(self) -> None:
-        self.gramian: Tensor | None = None
         self.matrix: Tensor | None = None
         self.weights: Tensor | None = None
         self.update: Tensor | None = None
         self.jacobian_engine = False
 
-    def record(self, losses: Tensor, gramian_engine: str) -> StepRecord | None:
-        """The step's record, or ``None`` when no aggregation ran (a skipped overflow step)."""
+    def record(
+        self, weighed: Any, losses: Tensor, scale: float | None, gramian_engine: str
+    ) -> StepRecord | None:
+        """The step's record, or ``None`` when no aggregation ran (a skipped overflow step).
+
+        ``weighed`` is the path's record of the weigh stage (the Gramian and weights a Gramian
+        aggregator used); ``losses`` are divided by ``scale`` (a ``GradScaler``'s) when given.
+        """
         engine = "jacobian" if self.jacobian_engine else gramian_engine
-        losses = losses.detach().double()
-        weights = None if self.weights is None else self.weights.detach().double()
-        if self.gramian is not None and weights is not None:
-            gramian = self.gramian.detach().double()
+        losses = losses.detach().double() / (scale or 1.0)
+        if weighed is not None and weighed.gramian is not None and weighed.weights is not None:
+            gramian, weights = weighed.gramian.detach().double(), weighed.weights.detach().double()
             products = gramian @ weights
             norm = (weights @ products).clamp(min=0).sqrt()
             return StepRecord(losses, gramian, weights, products, norm, engine)
         if self.matrix is not None and self.update is not None:
             matrix, update = self.matrix.detach().double(), self.update.detach().double()
+            weights = None if self.weights is None else self.weights.detach().double()
             gramian, products = matrix @ matrix.T, matrix @ update
             return StepRecord(losses, gramian, weights, products, update.norm(), engine)
         return None
@@ -142,9 +147,9 @@ class _Seen:
 
 @contextlib.contextmanager
 def capture(aggregator: Aggregator, engine: Any) -> Iterator[_Seen]:
-    """Watch the aggregator's calls (and whether ``engine.jacobians`` ran) for one step.
-
-    The methods are wrapped on the instances only for the duration of the ``with`` block.
+    """Watch, for one step, what a non-Gramian aggregator gets and returns (its ``J`` and
+    update: the Gramian is formed from them only for the record) and whether ``engine.jacobians``
+    ran. The methods are wrapped on the instances only for the duration of the ``with`` block.
     """
     seen = _Seen()
     patches: dict[Any, dict[str, Callable[..., Any]]] = {aggregator: {}, engine: {}}
@@ -159,9 +164,7 @@ def capture(aggregator: Aggregator, engine: Any) -> Iterator[_Seen]:
 
         patches[owner][name] = watched
 
-    if isinstance(aggregator, GramianWeightedAggregator):
-        wrap(aggregator, "weights_from_gramian", lambda g, w: _keep(seen, gramian=g, weights=w))
-    else:
+    if not isinstance(aggregator, GramianWeightedAggregator):
         wrap(aggregator, "forward", lambda j, u: _keep(seen, matrix=j, update=u))
         if isinstance(aggregator, WeightedAggregator):
             wrap(aggregator, "weights", lambda j, w: _keep(seen, weights=w))
