@@ -27,7 +27,9 @@ from jdoptim.aggregation._bases import (
 if TYPE_CHECKING:
     from jdoptim.optimizer import JacobianOptimizer
 
-__all__ = ["StepRecord", "StepRecorder"]
+__all__ = ["RTOL", "StepRecord", "StepRecorder"]
+
+RTOL = 1e-5  # cosines above -RTOL are rounding, not conflicts
 
 
 @dataclass(frozen=True, eq=False)
@@ -88,8 +90,12 @@ class StepRecord:
 
     @property
     def conflicting_pairs(self) -> int:
-        """The number of pairs ``i < j`` whose gradients conflict (``⟨g_i, g_j⟩ < 0``)."""
-        return int((self.gramian.triu(diagonal=1) < 0).sum())
+        """The number of pairs ``i < j`` whose gradients conflict: ``cos(g_i, g_j) < -RTOL``.
+
+        ``RTOL`` (``1e-5``) keeps orthogonal gradients whose Gramian entry is a rounding error
+        (``±1e-9`` in float32, say) from counting as conflicts.
+        """
+        return int((self.cosine.triu(diagonal=1) < -RTOL).sum())
 
     @property
     def update_cosines(self) -> Tensor:
@@ -99,7 +105,7 @@ class StepRecord:
             scale > 0, self.update_products / torch.where(scale > 0, scale, 1.0), 0.0
         )
 
-    def conflicted_losses(self, rtol: float = 1e-5) -> Tensor:
+    def conflicted_losses(self, rtol: float = RTOL) -> Tensor:
         """Mask (``[m]``) of the losses the update increases: ``cos(g_i, u) < -rtol``.
 
         ``rtol`` absorbs the rounding of a Gramian computed in float32 (an update that is

@@ -251,3 +251,13 @@ def test_under_a_grad_scaler_the_record_is_unscaled(aggregator):
     plain, scaled = records
     for field in ("losses", "gramian", "update_products", "update_norm"):
         torch.testing.assert_close(getattr(scaled, field), getattr(plain, field))
+
+
+def test_orthogonal_gradients_with_rounding_noise_do_not_count_as_conflicts():
+    """Gramian entries of ±1e-9 relative to the norms are rounding (cosines of ±1e-9)."""
+    gramian = torch.tensor([[1.0, -1e-9, -0.5], [-1e-9, 4.0, 1e-9], [-0.5, 1e-9, 1.0]])
+    gramian = gramian.double()
+    weights = torch.ones(3, dtype=torch.float64)
+    products = gramian @ weights
+    record = StepRecord(torch.ones(3), gramian, weights, products, products.sum().sqrt(), "x")
+    assert record.conflicting_pairs == 1  # only (0, 2), at cosine -0.5
