@@ -13,7 +13,7 @@ import contextlib
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -24,8 +24,12 @@ from jdoptim.aggregation._bases import (
     WeightedAggregator,
 )
 
-if TYPE_CHECKING:
-    from jdoptim.optimizer import JacobianOptimizer
+
+class _Recordable(Protocol):
+    """What :class:`StepRecorder` needs of a :class:`~jdoptim.JacobianOptimizer`."""
+
+    def register_step_record_hook(self, hook: Callable[[Any, StepRecord], None]) -> Any: ...
+
 
 __all__ = ["RTOL", "StepRecord", "StepRecorder"]
 
@@ -119,6 +123,9 @@ class StepRecord:
         return bool(self.conflicted_losses().any())
 
 
+_ENGINES = {"jacobian": "jacobian", "samples": "per-sample", "layers": "layer-gramian"}
+
+
 class _Seen:
     """What a non-Gramian aggregator was called with during one step (filled by :func:`capture`)."""
 
@@ -126,17 +133,14 @@ class _Seen:
         self.matrix: Tensor | None = None
         self.weights: Tensor | None = None
         self.update: Tensor | None = None
-        self.jacobian_engine = False
 
-    def record(
-        self, weighed: Any, losses: Tensor, scale: float | None, gramian_engine: str
-    ) -> StepRecord | None:
+    def record(self, weighed: Any, losses: Tensor, scale: float | None) -> StepRecord | None:
         """The step's record, or ``None`` when no aggregation ran (a skipped overflow step).
 
         ``weighed`` is the path's record of the weigh stage (the Gramian and weights a Gramian
         aggregator used); ``losses`` are divided by ``scale`` (a ``GradScaler``'s) when given.
         """
-        engine = "jacobian" if self.jacobian_engine else gramian_engine
+        engine = _ENGINES[weighed.route]
         losses = losses.detach().double() / (scale or 1.0)
         if weighed is not None and weighed.gramian is not None and weighed.weights is not None:
             gramian, weights = weighed.gramian.detach().double(), weighed.weights.detach().double()
@@ -152,13 +156,13 @@ class _Seen:
 
 
 @contextlib.contextmanager
-def capture(aggregator: Aggregator, engine: Any) -> Iterator[_Seen]:
+def capture(aggregator: Aggregator) -> Iterator[_Seen]:
     """Watch, for one step, what a non-Gramian aggregator gets and returns (its ``J`` and
-    update: the Gramian is formed from them only for the record) and whether ``engine.jacobians``
-    ran. The methods are wrapped on the instances only for the duration of the ``with`` block.
+    update: the Gramian is formed from them only for the record). The methods are wrapped on the
+    instance only for the duration of the ``with`` block.
     """
     seen = _Seen()
-    patches: dict[Any, dict[str, Callable[..., Any]]] = {aggregator: {}, engine: {}}
+    patches: dict[Any, dict[str, Callable[..., Any]]] = {aggregator: {}}
 
     def wrap(owner: Any, name: str, keep: Callable[..., None]) -> None:
         original = getattr(owner, name)
@@ -174,7 +178,6 @@ def capture(aggregator: Aggregator, engine: Any) -> Iterator[_Seen]:
         wrap(aggregator, "forward", lambda j, u: _keep(seen, matrix=j, update=u))
         if isinstance(aggregator, WeightedAggregator):
             wrap(aggregator, "weights", lambda j, w: _keep(seen, weights=w))
-    wrap(engine, "jacobians", lambda *_: setattr(seen, "jacobian_engine", True))
     try:
         for owner, methods in patches.items():
             for name, method in methods.items():
@@ -214,7 +217,7 @@ class StepRecorder:
     >>> recorder.remove()  # stop recording
     """
 
-    def __init__(self, optimizer: JacobianOptimizer, keep: int = 1) -> None:
+    def __init__(self, optimizer: _Recordable, keep: int = 1) -> None:
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
             raise ValueError(f"keep must be a positive int, got {keep!r}")
         self.records: deque[StepRecord] = deque(maxlen=keep)

@@ -267,6 +267,7 @@ class JacobianOptimizer(Optimizer):
         params = self._params()
         saved_grads = [p.grad for p in params]
         written_before, self._grad_written = self._grad_written, False
+        weighed = False
         try:
             with torch.enable_grad():
                 losses = closure()
@@ -277,12 +278,15 @@ class JacobianOptimizer(Optimizer):
             else:
                 _check_not_backpropagated(losses, params, saved_grads)
                 vector = self._backward_closure_losses(losses)
+                weighed = True
+            self.optimizer.step()  # one that raises before updating leaves everything as it was
         except BaseException:
             for p, g in zip(params, saved_grads, strict=True):
                 p.grad = g
+            if weighed:
+                self._path.undo()
             self._grad_written = written_before
             raise
-        self.optimizer.step()
         self._grad_written = False
         return vector
 
@@ -357,19 +361,13 @@ class JacobianOptimizer(Optimizer):
             if not hooks or accumulate:
                 vector = self._path.backward(losses, params, setup, accumulate)
             else:
-                with capture(self.aggregator, self.engine) as seen:
+                with capture(self.aggregator) as seen:
                     vector = self._path.backward(losses, params, setup, accumulate)
-                record = seen.record(
-                    self._path.record, vector, setup.scale(), self._gramian_engine_name()
-                )
+                record = seen.record(self._path.record, vector, setup.scale())
                 for hook in list(hooks.values()):
                     hook(self, record)
         self._grad_written = self._grad_written or not accumulate
         return vector
-
-    def _gramian_engine_name(self) -> str:
-        engine = self.gramian_engine
-        return "per-sample" if isinstance(engine, PerSampleEngine) else "layer-gramian"
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset the gradients of the wrapped optimizer and delete any ``.jac`` left on them."""

@@ -26,6 +26,9 @@ def test_the_record_holds_the_global_gramian_and_the_weights_of_the_update(route
     record = opt._path.record
     jacobian = _jacobian(model, x, y)
     assert record.m == 10
+    assert record.route == {"samples": "samples", "layers": "layers"}.get(
+        route.removeprefix("accumulated_"), "jacobian"
+    )
     torch.testing.assert_close(record.gramian, jacobian @ jacobian.T, rtol=1e-9, atol=1e-12)
     update = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
     torch.testing.assert_close(record.weights @ jacobian, update, rtol=1e-9, atol=1e-12)

@@ -53,6 +53,7 @@ class Path:
         self.ranks_synced = False  # the aggregator state was given rank 0's
         self.bytes_sent = 0
         self.record: StepRecord | None = None
+        self._weighed: Weigh | None = None  # the last call's weigh stage, for undo()
 
     def backward(
         self, losses: object, params: Sequence[Tensor], setup: Setup, accumulate: bool
@@ -92,7 +93,7 @@ class Path:
             self.ranks_synced = True
 
         # combine, weigh, write
-        weigh = Weigh(setup.aggregator)
+        weigh = Weigh(setup.aggregator, route)
         try:
             updates = pending.weighed(weigh, exchange, error)
             check_finite_updates(params, updates)
@@ -110,8 +111,15 @@ class Path:
             if exchange is not None:
                 self.bytes_sent = exchange.bytes_sent
         weigh.record.losses = vector.detach()  # type: ignore[union-attr]
-        self.record = weigh.record
+        self.record, self._weighed = weigh.record, weigh
         return vector.detach()  # type: ignore[union-attr]
+
+    def undo(self) -> None:
+        """Give the aggregator the state it had before the last call weighed (the step failed
+        after ``backward``: in the wrapped optimizer's ``step``)."""
+        if self._weighed is not None:
+            self._weighed.rollback()
+            self._weighed = None
 
 
 def _summed_only(params: Sequence[Tensor], shared: Sequence[Tensor] | None) -> frozenset[int]:

@@ -36,8 +36,12 @@ class StepRecord:
         aggregator received the Jacobian matrix itself.
     weights:
         The weights ``[m]`` (``None`` for an aggregator that is not weight-based).
+    route:
+        How the Jacobian was differentiated: ``"jacobian"`` (batched VJPs), ``"samples"`` (the
+        per-sample engine) or ``"layers"`` (the layer-Gramian engine).
     """
 
+    route: str
     losses: Tensor | None = None
     m: int = 0
     gramian: Tensor | None = None
@@ -52,15 +56,21 @@ class Weigh:
     aggregator:
         The optimizer's aggregator: any callable ``[m, n] -> [n]``; a
         :class:`~jdoptim.aggregation.GramianWeightedAggregator` only sees the Gramian.
+    route:
+        The route of the path (kept in the record).
     """
 
-    def __init__(self, aggregator: Callable[[Tensor], Tensor]) -> None:
+    def __init__(self, aggregator: Callable[[Tensor], Tensor], route: str) -> None:
         self.aggregator = aggregator
-        self.record = StepRecord()
+        self.record = StepRecord(route)
         self._saved: dict[str, Any] | None = None
 
     def weights(self, gramian: Tensor) -> Tensor:
-        """The aggregator's weights ``[m]`` for the global ``gramian`` (engines call this)."""
+        """The aggregator's weights ``[m]`` for the global ``gramian`` (engines call this).
+
+        The weights come in the Gramian's dtype (the promotion of the blocks' dtypes: float64
+        when float32 and float64 parameters meet); a caller casts them to each block's dtype.
+        """
         self._save_state()
         weights = self.aggregator.weights_from_gramian(gramian)  # type: ignore[attr-defined]
         self.record.m, self.record.gramian, self.record.weights = gramian.shape[0], gramian, weights
