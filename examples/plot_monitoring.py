@@ -87,14 +87,15 @@ print(
 # %%
 # The cosines between the task gradients (on the trunk) at the first and the last step.
 
-fig, axes = plt.subplots(1, 2, figsize=(8, 3.4))
+labels = ["digit", "parity", "≥ 5", "recon."]
+fig, axes = plt.subplots(1, 2, figsize=(8, 3.4), layout="constrained")
 for ax, (when, record) in zip(
     axes, [("first step", records[0]), ("last step", records[-1])], strict=True
 ):
     image = ax.imshow(record.cosine.numpy(), vmin=-1, vmax=1, cmap="RdBu")
     ax.set(title=f"cosines, {when}", xticks=range(len(TASKS)), yticks=range(len(TASKS)))
-    ax.set_xticklabels(TASKS, rotation=30, fontsize=7)
-    ax.set_yticklabels(TASKS, fontsize=7)
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_yticklabels(labels, fontsize=8)
 fig.colorbar(image, ax=axes, shrink=0.8)
 
 # %%
