@@ -9,20 +9,13 @@ nothing is recorded and nothing is computed.
 
 from __future__ import annotations
 
-import contextlib
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor
-
-from jdoptim.aggregation._bases import (
-    Aggregator,
-    GramianWeightedAggregator,
-    WeightedAggregator,
-)
 
 
 class _Recordable(Protocol):
@@ -51,7 +44,8 @@ class StepRecord:
     gramian:
         ``G = J Jᵀ`` (``[m, m]``), ``G_ij = ⟨g_i, g_j⟩`` for the loss gradients ``g_i``.
     weights:
-        ``w`` (``[m]``) with update ``u = Jᵀ w``, for a weighted aggregator; ``None`` otherwise.
+        ``w`` (``[m]``) with update ``u = Jᵀ w``, for an aggregator that weighs the Gramian
+        (:class:`~jdoptim.aggregation.GramianWeightedAggregator`); ``None`` otherwise.
     update_products:
         ``J u`` (``[m]``): ``⟨g_i, u⟩``, the first-order decrease of loss ``i`` per unit of
         learning rate along the update (the optimizer steps along ``-u``).
@@ -126,72 +120,17 @@ class StepRecord:
 _ENGINES = {"jacobian": "jacobian", "samples": "per-sample", "layers": "layer-gramian"}
 
 
-class _Seen:
-    """What a non-Gramian aggregator was called with during one step (filled by :func:`capture`)."""
-
-    def __init__(self) -> None:
-        self.matrix: Tensor | None = None
-        self.weights: Tensor | None = None
-        self.update: Tensor | None = None
-
-    def record(self, weighed: Any, losses: Tensor, scale: float | None) -> StepRecord | None:
-        """The step's record, or ``None`` when no aggregation ran (a skipped overflow step).
-
-        ``weighed`` is the path's record of the weigh stage (the Gramian and weights a Gramian
-        aggregator used); ``losses`` are divided by ``scale`` (a ``GradScaler``'s) when given.
-        """
-        engine = _ENGINES[weighed.route]
-        losses = losses.detach().double() / (scale or 1.0)
-        if weighed is not None and weighed.gramian is not None and weighed.weights is not None:
-            gramian, weights = weighed.gramian.detach().double(), weighed.weights.detach().double()
-            products = gramian @ weights
-            norm = (weights @ products).clamp(min=0).sqrt()
-            return StepRecord(losses, gramian, weights, products, norm, engine)
-        if self.matrix is not None and self.update is not None:
-            matrix, update = self.matrix.detach().double(), self.update.detach().double()
-            weights = None if self.weights is None else self.weights.detach().double()
-            gramian, products = matrix @ matrix.T, matrix @ update
-            return StepRecord(losses, gramian, weights, products, update.norm(), engine)
-        return None
-
-
-@contextlib.contextmanager
-def capture(aggregator: Aggregator) -> Iterator[_Seen]:
-    """Watch, for one step, what a non-Gramian aggregator gets and returns (its ``J`` and
-    update: the Gramian is formed from them only for the record). The methods are wrapped on the
-    instance only for the duration of the ``with`` block.
-    """
-    seen = _Seen()
-    patches: dict[Any, dict[str, Callable[..., Any]]] = {aggregator: {}}
-
-    def wrap(owner: Any, name: str, keep: Callable[..., None]) -> None:
-        original = getattr(owner, name)
-
-        def watched(*args: Any) -> Any:
-            result = original(*args)
-            keep(*args, result)
-            return result
-
-        patches[owner][name] = watched
-
-    if not isinstance(aggregator, GramianWeightedAggregator):
-        wrap(aggregator, "forward", lambda j, u: _keep(seen, matrix=j, update=u))
-        if isinstance(aggregator, WeightedAggregator):
-            wrap(aggregator, "weights", lambda j, w: _keep(seen, weights=w))
-    try:
-        for owner, methods in patches.items():
-            for name, method in methods.items():
-                setattr(owner, name, method)
-        yield seen
-    finally:
-        for owner, methods in patches.items():
-            for name in methods:
-                owner.__dict__.pop(name, None)
-
-
-def _keep(seen: _Seen, **values: Tensor) -> None:
-    for name, value in values.items():
-        setattr(seen, name, value)
+def record_of(weighed: Any, scale: float | None) -> StepRecord:
+    """The public record of the weigh stage's (an observed step), losses divided by ``scale``."""
+    gramian = weighed.gramian.detach().double()
+    products = weighed.update_products.detach().double()
+    weights = None if weighed.weights is None else weighed.weights.detach().double()
+    if weights is not None:  # u = Jᵀ w: ‖u‖² = wᵀ G w
+        norm = (weights @ products).clamp(min=0).sqrt()
+    else:
+        norm = weighed.update_norm.detach().double()
+    losses = weighed.losses.detach().double() / (scale or 1.0)
+    return StepRecord(losses, gramian, weights, products, norm, _ENGINES[weighed.route])
 
 
 class StepRecorder:

@@ -15,8 +15,8 @@ from torch.utils.hooks import RemovableHandle
 from jdoptim._aggregator_state import load_with, state_of
 from jdoptim._path import Path, Setup
 from jdoptim._validation import check_options
-from jdoptim.aggregation import Aggregator, GramianWeightedAggregator, UPGrad
-from jdoptim.diagnostics import StepRecord, capture
+from jdoptim.aggregation import GramianWeightedAggregator, UPGrad
+from jdoptim.diagnostics import StepRecord, record_of
 from jdoptim.engine import JacobianEngine, LayerGramianEngine, PerSampleEngine
 
 __all__ = ["JacobianOptimizer"]
@@ -85,6 +85,16 @@ class JacobianOptimizer(Optimizer):
         Every rank then runs the same aggregation and writes the same ``.grad``; ``step`` and
         ``backward`` return the local losses. After each exchange, ``cross_rank_bytes`` holds
         the bytes this rank sent. See :doc:`distributed`.
+
+    Notes
+    -----
+    A parameter listed twice (torch warns) is differentiated and written once. Parameters of
+    several dtypes share one Gramian, accumulated in their promoted dtype (``float64`` for
+    ``float32`` and ``float64``); each ``.grad`` is written in its parameter's dtype. Sparse
+    gradients (``nn.Embedding(sparse=True)``) are supported with ``batch_dim=0``; elsewhere an
+    error names the parameter before anything is touched. A ``backward`` that raises, and a
+    ``step`` whose closure, aggregation or wrapped step raises before updating, leave the
+    parameters, ``.grad``, ``.jac`` and the inner and aggregator states as they were.
 
     Examples
     --------
@@ -200,8 +210,7 @@ class JacobianOptimizer(Optimizer):
         optimizer steps; a micro-batch kept with ``accumulate=True`` and a step skipped on
         overflow record nothing. While no hook is registered nothing is computed; with one, the
         Jacobian engine forms ``J Jᵀ`` for aggregators that do not already use it. Hooks are not
-        copied by ``copy.deepcopy``, pickling or ``state_dict``. The aggregator must be an
-        :class:`~jdoptim.aggregation.Aggregator`.
+        copied by ``copy.deepcopy``, pickling or ``state_dict``.
 
         Returns
         -------
@@ -221,10 +230,6 @@ class JacobianOptimizer(Optimizer):
         jacobian 0 False
         >>> handle.remove()
         """
-        if not isinstance(self.aggregator, Aggregator):
-            raise TypeError(
-                f"step records need a jdoptim.aggregation.Aggregator, got {self.aggregator!r}"
-            )
         hooks = self.__dict__.setdefault("_step_record_hooks", OrderedDict())
         handle = RemovableHandle(hooks)
         hooks[handle.id] = hook
@@ -357,15 +362,18 @@ class JacobianOptimizer(Optimizer):
             scaler=self.grad_scaler,
         )
         hooks = self.__dict__.get("_step_record_hooks")
-        with _autocast_off():
-            if not hooks or accumulate:
+        observe = bool(hooks) and not accumulate
+        before, observing = self._path.record, self._path.observe
+        self._path.observe = observing or observe
+        try:
+            with _autocast_off():
                 vector = self._path.backward(losses, params, setup, accumulate)
-            else:
-                with capture(self.aggregator) as seen:
-                    vector = self._path.backward(losses, params, setup, accumulate)
-                record = seen.record(self._path.record, vector, setup.scale())
-                for hook in list(hooks.values()):
-                    hook(self, record)
+        finally:
+            self._path.observe = observing
+        if observe and self._path.record is not before:  # this call weighed (no overflow skip)
+            record = record_of(self._path.record, setup.scale())
+            for hook in list(hooks.values()):
+                hook(self, record)
         self._grad_written = self._grad_written or not accumulate
         return vector
 

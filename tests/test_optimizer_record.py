@@ -42,4 +42,50 @@ def test_an_aggregator_of_the_matrix_leaves_no_gramian_or_weights():
     opt = JacobianOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), TrimmedMean(1))
     opt.backward(_losses(model, x, y))
     record = opt._path.record
-    assert (record.m, record.gramian, record.weights) == (6, None, None)
+    assert (record.m, record.gramian, record.weights, record.update_products) == (6,) + (None,) * 3
+
+
+@pytest.mark.parametrize(
+    "route, aggregator",
+    [
+        (r, a)
+        for r in ROUTES
+        for a in ("upgrad", "trimmed_mean")
+        if (r, a) != ("layers", "trimmed_mean")
+    ],
+)
+def test_an_observed_step_records_the_update_products(route, aggregator):
+    kwargs, split = ROUTES[route]
+    model = _Net()
+    x, y = _digits(10, seed=7)
+    opt = JacobianOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        UPGrad() if aggregator == "upgrad" else TrimmedMean(2),
+        **kwargs,
+    )
+    opt._path.observe = True
+    _backward(opt, model, x, y, split)
+    record = opt._path.record
+    jacobian = _jacobian(model, x, y)
+    update = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(record.gramian, jacobian @ jacobian.T, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(record.update_products, jacobian @ update, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("route", ["jacobian", "samples"])
+def test_a_step_skipped_on_overflow_keeps_the_previous_record(route):
+    model = _Net(torch.float32)
+    x, y = _digits(6, seed=6)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    opt = JacobianOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        UPGrad(),
+        grad_scaler=scaler,
+        **ROUTES[route][0],
+    )
+    opt.backward(scaler.scale(_losses(model, x, y)))
+    good = opt._path.record
+    opt.zero_grad()
+    opt.backward(scaler.scale(_losses(model, x, y)) * float("inf"))
+    assert all(not p.grad.isfinite().any() for p in model.parameters())  # the scaler skips
+    assert opt._path.record is good

@@ -32,10 +32,17 @@ class StepRecord:
     m:
         The number of global losses (micro-batches and ranks combined), the size of the Gramian.
     gramian:
-        The global Gramian ``[m, m]`` the weights came from (unscaled), or ``None`` when the
-        aggregator received the Jacobian matrix itself.
+        The global Gramian ``[m, m]`` the weights came from (unscaled). An aggregator that
+        receives the Jacobian matrix itself leaves ``None``, unless the path observes (then
+        ``J Jᵀ`` is formed for the record).
     weights:
         The weights ``[m]`` (``None`` for an aggregator that is not weight-based).
+    update_products:
+        ``J u`` (``[m]``), the inner product of each loss gradient with the update, when the
+        path observes (``None`` otherwise).
+    update_norm:
+        ``‖u‖`` for an aggregator of the matrix, when the path observes (``None`` otherwise:
+        with weights, ``‖u‖² = wᵀ G w``).
     route:
         How the Jacobian was differentiated: ``"jacobian"`` (batched VJPs), ``"samples"`` (the
         per-sample engine) or ``"layers"`` (the layer-Gramian engine).
@@ -46,6 +53,8 @@ class StepRecord:
     m: int = 0
     gramian: Tensor | None = None
     weights: Tensor | None = None
+    update_products: Tensor | None = None
+    update_norm: Tensor | None = None
 
 
 class Weigh:
@@ -58,10 +67,16 @@ class Weigh:
         :class:`~jdoptim.aggregation.GramianWeightedAggregator` only sees the Gramian.
     route:
         The route of the path (kept in the record).
+    observe:
+        Also record ``J u`` (and, for an aggregator of the matrix, ``J Jᵀ``): per-step
+        diagnostics ask for it; it costs ``O(m² n)`` on the Jacobian route, ``O(m²)`` otherwise.
     """
 
-    def __init__(self, aggregator: Callable[[Tensor], Tensor], route: str) -> None:
+    def __init__(
+        self, aggregator: Callable[[Tensor], Tensor], route: str, observe: bool = False
+    ) -> None:
         self.aggregator = aggregator
+        self.observe = observe
         self.record = StepRecord(route)
         self._saved: dict[str, Any] | None = None
 
@@ -74,6 +89,8 @@ class Weigh:
         self._save_state()
         weights = self.aggregator.weights_from_gramian(gramian)  # type: ignore[attr-defined]
         self.record.m, self.record.gramian, self.record.weights = gramian.shape[0], gramian, weights
+        if self.observe:
+            self.record.update_products = gramian @ weights.to(gramian.dtype)
         return weights
 
     def jacobian(
@@ -96,7 +113,13 @@ class Weigh:
             updates = iter(weighted_blocks(self.weights(gramian(rows)), rows))
         else:
             self._save_state()
-            updates = iter(split_update(self.aggregator(concat_rows(rows)), rows))
+            matrix = concat_rows(rows)
+            update = self.aggregator(matrix)
+            updates = iter(split_update(update, rows))
+            if self.observe:
+                self.record.gramian = matrix @ matrix.T
+                self.record.update_products = matrix @ update.to(matrix.dtype)
+                self.record.update_norm = update.norm()
         return [
             None if b is None else b.sum(dim=0) if s else next(updates)
             for b, s in zip(blocks, summed, strict=True)
