@@ -7,6 +7,7 @@ The data are scikit-learn's digits (offline), a shared trunk with three task hea
 from __future__ import annotations
 
 import copy
+import functools
 import pickle
 
 import pytest
@@ -50,6 +51,14 @@ def _task_losses(net: nn.Module, x: torch.Tensor, y: torch.Tensor, per_sample: b
 
 def _trained(steps: int, dtype: torch.dtype) -> tuple[_Net, torch.Tensor, torch.Tensor]:
     """The network after ``steps`` plain SGD steps on the summed task losses."""
+    net = _Net()
+    net.load_state_dict(_trained_state(steps))
+    x, y = _digits()
+    return net.to(dtype), x.to(dtype), y
+
+
+@functools.cache
+def _trained_state(steps: int) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     net = _Net()
     x, y = _digits()
@@ -58,7 +67,7 @@ def _trained(steps: int, dtype: torch.dtype) -> tuple[_Net, torch.Tensor, torch.
         sgd.zero_grad()
         _task_losses(net, x, y, False).sum().backward()
         sgd.step()
-    return net.to(dtype), x.to(dtype), y
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
 def _reference_jacobian(net: nn.Module, names: list[str], x, y, per_sample: bool):
