@@ -26,6 +26,7 @@ extensions = [
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
     "sphinx.ext.viewcode",
+    "sphinx.ext.doctest",  # docs/lightning.rst's testcode (the docs branch's conf has it too)
 ]
 
 # NumPy-style docstrings only.

@@ -42,6 +42,7 @@ class ScalarPath:
 
     bytes_sent = 0
     record = None
+    observe = False  # no Jacobian, so nothing for a step record to observe
 
     def __init__(self) -> None:
         self._saved: dict[str, Any] | None = None

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
 
 from jdoptim._aggregator_state import load_with, state_of
 from jdoptim._path import Path, Setup
 from jdoptim._scalarized import ScalarPath, check_scalarizer_options
 from jdoptim._validation import check_options
 from jdoptim.aggregation import GramianWeightedAggregator, UPGrad
+from jdoptim.diagnostics import StepRecord, record_of
 from jdoptim.engine import JacobianEngine, LayerGramianEngine, PerSampleEngine
 from jdoptim.scalarization import Scalarizer
 
@@ -143,6 +147,11 @@ class JacobianOptimizer(Optimizer):
         if isinstance(optimizer, JacobianOptimizer):
             raise TypeError("optimizer is already a JacobianOptimizer: do not wrap it twice")
         aggregator = UPGrad() if aggregator is None else aggregator
+        if isinstance(aggregator, type):
+            raise TypeError(
+                f"aggregator must be an instance, got the class {aggregator.__name__}: "
+                f"pass {aggregator.__name__}() instead"
+            )
         if isinstance(aggregator, Scalarizer):
             check_scalarizer_options(shared_params, batch_dim, path)
         shared, cross_rank = check_options(
@@ -161,6 +170,7 @@ class JacobianOptimizer(Optimizer):
                 "gramian_engine": None,
                 "cross_rank": cross_rank,
                 "_path": _new_path(aggregator),  # kept micro-batches, the last step's record
+                "_grad_written": False,  # by backward(), since the last step or zero_grad
             },
         )
         if path == "jacobian" or isinstance(aggregator, Scalarizer):
@@ -196,6 +206,7 @@ class JacobianOptimizer(Optimizer):
             "gramian_engine": self.gramian_engine,
             "cross_rank": self.cross_rank,
             "_path": _new_path(self.aggregator),  # copies and pickles keep no micro-batches
+            "_grad_written": False,
         }
 
     def __repr__(self) -> str:
@@ -208,6 +219,43 @@ class JacobianOptimizer(Optimizer):
     def cross_rank_bytes(self) -> int:
         """Bytes this rank sent in the last cross-rank exchange (``0`` in a single process)."""
         return self._path.bytes_sent
+
+    def register_step_record_hook(
+        self, hook: Callable[[JacobianOptimizer, StepRecord], None]
+    ) -> RemovableHandle:
+        """Call ``hook(optimizer, record)`` each time an aggregated ``.grad`` is written.
+
+        ``record`` is a :class:`~jdoptim.diagnostics.StepRecord`: the losses, the Gramian the
+        aggregator used (per-loss gradient norms, cosines, conflicting pairs), the weights and
+        the update's inner product with each loss gradient, and the engine that ran. It is built
+        in :meth:`backward` (so also in :meth:`step` with a closure), before the wrapped
+        optimizer steps; a micro-batch kept with ``accumulate=True`` and a step skipped on
+        overflow record nothing. While no hook is registered nothing is computed; with one, the
+        Jacobian engine forms ``J Jᵀ`` for aggregators that do not already use it. Hooks are not
+        copied by ``copy.deepcopy``, pickling or ``state_dict``.
+
+        Returns
+        -------
+        torch.utils.hooks.RemovableHandle
+            ``handle.remove()`` unregisters the hook.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from jdoptim import JacobianOptimizer
+        >>> model = torch.nn.Linear(3, 2)
+        >>> opt = JacobianOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+        >>> handle = opt.register_step_record_hook(
+        ...     lambda opt, r: print(r.engine, r.conflicting_pairs, r.update_conflicts)
+        ... )
+        >>> _ = opt.step(lambda: ((model(torch.ones(4, 3)) - 1) ** 2).mean(dim=0))
+        jacobian 0 False
+        >>> handle.remove()
+        """
+        hooks = self.__dict__.setdefault("_step_record_hooks", OrderedDict())
+        handle = RemovableHandle(hooks)
+        hooks[handle.id] = hook
+        return handle
 
     def _params(self) -> list[Tensor]:
         # Torch warns about a parameter listed twice in a group (and keeps it twice); its
@@ -229,7 +277,10 @@ class JacobianOptimizer(Optimizer):
             Re-evaluates the model and returns the losses: a tensor of any shape (flattened) or a
             list/tuple of scalar tensors. It usually calls :meth:`zero_grad` first. It is called
             exactly once, with grad enabled. Without a closure, ``.grad`` must already hold the
-            update (see :meth:`backward`) and only the wrapped optimizer's step runs.
+            update (see :meth:`backward`) and only the wrapped optimizer's step runs. The same
+            holds when :meth:`backward` wrote ``.grad`` inside the closure, or before a closure
+            that returns ``None`` (Lightning's ``step()`` passes such a closure). A closure that
+            calls ``loss.backward()`` itself is an error that says what to do.
 
         Returns
         -------
@@ -238,23 +289,43 @@ class JacobianOptimizer(Optimizer):
         """
         if closure is None:
             self.optimizer.step()
+            self._grad_written = False
             return None
         params = self._params()
         saved_grads = [p.grad for p in params]
+        written_before, self._grad_written = self._grad_written, False
         weighed = False
         try:
             with torch.enable_grad():
                 losses = closure()
-            vector = self.backward(losses)
-            weighed = True
+            if self._grad_written or (written_before and losses is None):
+                # backward() already wrote .grad (in the closure, or before a closure that
+                # returns nothing, as Lightning's step() passes): step on it.
+                vector = None if losses is None else _detached(losses)
+            else:
+                _check_not_backpropagated(losses, params, saved_grads)
+                vector = self._backward_closure_losses(losses)
+                weighed = True
             self.optimizer.step()  # one that raises before updating leaves everything as it was
         except BaseException:
             for p, g in zip(params, saved_grads, strict=True):
                 p.grad = g
             if weighed:
                 self._path.undo()
+            self._grad_written = written_before
             raise
+        self._grad_written = False
         return vector
+
+    def _backward_closure_losses(self, losses: Any) -> Tensor:
+        try:
+            return self.backward(losses)
+        except RuntimeError as e:
+            if "backward through the graph a second time" not in str(e):
+                raise
+            raise RuntimeError(
+                f"{_HABIT} (the closure's losses were already backpropagated: {e})"
+            ) from e
 
     def backward(
         self, losses: Tensor | list[Tensor] | tuple[Tensor, ...], *, accumulate: bool = False
@@ -312,11 +383,26 @@ class JacobianOptimizer(Optimizer):
             cross_rank=self.cross_rank,
             scaler=self.grad_scaler,
         )
-        return self._path.backward(losses, params, setup, accumulate)
+        hooks = self.__dict__.get("_step_record_hooks")
+        observe = bool(hooks) and not accumulate
+        before, observing = self._path.record, self._path.observe
+        self._path.observe = observing or observe
+        try:
+            with _autocast_off():
+                vector = self._path.backward(losses, params, setup, accumulate)
+        finally:
+            self._path.observe = observing
+        if observe and self._path.record is not before:  # this call weighed (no overflow skip)
+            record = record_of(self._path.record, setup.scale())
+            for hook in list(hooks.values()):
+                hook(self, record)
+        self._grad_written = self._grad_written or not accumulate
+        return vector
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset the gradients of the wrapped optimizer and delete any ``.jac`` left on them."""
         self.optimizer.zero_grad(set_to_none=set_to_none)
+        self._grad_written = False
         if self.gramian_engine is not None:
             self.gramian_engine.clear()
         for p in self._params():
@@ -364,3 +450,48 @@ class JacobianOptimizer(Optimizer):
 def _new_path(aggregator: object) -> Path | ScalarPath:
     """The route of ``backward``: the Jacobian path, or one plain backward for a scalarizer."""
     return ScalarPath() if isinstance(aggregator, Scalarizer) else Path()
+
+
+@contextlib.contextmanager
+def _autocast_off() -> Iterator[None]:
+    """Run the Jacobian and the aggregation in the parameters' dtypes, even inside an autocast
+    region (Lightning's mixed precision runs the whole training step, ``step`` included, under
+    autocast; the losses were already computed there)."""
+    with contextlib.ExitStack() as stack:
+        for device in ("cpu", "cuda"):
+            if torch.is_autocast_enabled(device):
+                stack.enter_context(torch.autocast(device, enabled=False))
+        yield
+
+
+_HABIT = (
+    "JacobianOptimizer needs the losses themselves: return them from the closure (a vector, "
+    "or a list of scalar losses) without calling loss.backward(); for the two-phase form, call "
+    "opt.backward(losses) and then opt.step()"
+)
+
+
+def _check_not_backpropagated(
+    losses: Any, params: list[Tensor], saved_grads: list[Tensor | None]
+) -> None:
+    """Raise if the closure returned nothing or wrote ``.grad`` itself (``loss.backward()``)."""
+    written = [
+        i
+        for i, (p, g) in enumerate(zip(params, saved_grads, strict=True))
+        if p.grad is not None and p.grad is not g
+    ]
+    if losses is None:
+        raise TypeError(
+            f"expected the losses, got NoneType (does the closure return the losses?): {_HABIT}"
+        )
+    if written:
+        raise RuntimeError(
+            f"the closure wrote .grad of {len(written)} parameter(s) itself (did it call "
+            f"loss.backward()?): {_HABIT}"
+        )
+
+
+def _detached(losses: Any) -> Tensor:
+    if isinstance(losses, (list, tuple)):
+        return torch.stack([torch.as_tensor(loss).detach().reshape(()) for loss in losses])
+    return torch.as_tensor(losses).detach().reshape(-1)

@@ -15,6 +15,7 @@ import jdoptim
 LAYERS = {
     "jdoptim": 0,
     "jdoptim.optimizer": 1,
+    "jdoptim.diagnostics": 2,
     "jdoptim.functional": 1,
     "jdoptim._path": 2,
     "jdoptim._scalarized": 2,

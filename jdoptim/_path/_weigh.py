@@ -40,6 +40,9 @@ class StepRecord:
     update_products:
         ``J u`` (``[m]``), the inner product of each loss gradient with the update, when the
         path observes (``None`` otherwise).
+    update_norm:
+        ``‖u‖`` for an aggregator of the matrix, when the path observes (``None`` otherwise:
+        with weights, ``‖u‖² = wᵀ G w``).
     route:
         How the Jacobian was differentiated: ``"jacobian"`` (batched VJPs), ``"samples"`` (the
         per-sample engine) or ``"layers"`` (the layer-Gramian engine).
@@ -51,6 +54,7 @@ class StepRecord:
     gramian: Tensor | None = None
     weights: Tensor | None = None
     update_products: Tensor | None = None
+    update_norm: Tensor | None = None
 
 
 class Weigh:
@@ -118,6 +122,7 @@ class Weigh:
             if self.observe:
                 self.record.gramian = matrix @ matrix.T
                 self.record.update_products = matrix @ update.to(matrix.dtype)
+                self.record.update_norm = update.norm()
         return [
             None if b is None else b.sum(dim=0) if s else next(updates)
             for b, s in zip(blocks, summed, strict=True)
