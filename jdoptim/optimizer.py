@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
@@ -20,7 +21,7 @@ from jdoptim.engine import (
     PerSampleEngine,
     aggregate_jacobians,
 )
-from jdoptim.engine._per_sample import combine_parts
+from jdoptim.engine._assembly import combine_parts
 
 __all__ = ["JacobianOptimizer"]
 
@@ -181,10 +182,18 @@ class JacobianOptimizer(Optimizer):
         )
         if path == "jacobian":
             return
+        # The engines get callables that do not hold the wrapper: no reference cycle, so the
+        # engines' forward hooks go away as soon as the optimizer is dropped.
         if batch_dim is not None:
-            self.gramian_engine = PerSampleEngine(self._params, parallel_chunk_size)
+            self.gramian_engine = PerSampleEngine(
+                functools.partial(_trainable, optimizer), parallel_chunk_size
+            )
         elif path == "gramian" or (shared is not None and gramian_based):
-            aggregated = self._params if shared is None else self._shared_params
+            aggregated = (
+                functools.partial(_trainable, optimizer)
+                if shared is None
+                else functools.partial(list, shared)
+            )
             self.gramian_engine = LayerGramianEngine(aggregated, parallel_chunk_size)
 
     # The data model of the wrapped optimizer, shared by reference.
@@ -219,10 +228,7 @@ class JacobianOptimizer(Optimizer):
         )
 
     def _params(self) -> list[Tensor]:
-        return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
-
-    def _shared_params(self) -> list[Tensor]:
-        return self.shared_params
+        return _trainable(self.optimizer)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Compute the losses with ``closure``, write the aggregated ``.grad`` and step.
@@ -312,10 +318,10 @@ class JacobianOptimizer(Optimizer):
         with torch.enable_grad():
             # Under an enabled GradScaler, non-finite losses are an overflow: the scaler skips.
             vector = as_loss_vector(losses, check_finite=not scaling)
-            if self.gramian_engine is not None:
-                if isinstance(self.aggregator, GramianWeightedAggregator):
-                    return self._gramian_backward(vector, params)
-                self.gramian_engine.clear()  # this aggregator needs the whole Jacobian
+            if self.gramian_engine is not None and isinstance(
+                self.aggregator, GramianWeightedAggregator
+            ):
+                return self._gramian_backward(vector, params)
             jacobians = self.engine.jacobians(vector, params)
         with torch.no_grad():
             return self._write_aggregation(vector.detach(), params, jacobians)
@@ -378,8 +384,6 @@ class JacobianOptimizer(Optimizer):
                         )
                     )
                 else:
-                    if self.gramian_engine is not None:
-                        self.gramian_engine.clear()  # the Jacobian path serves this step
                     jacobians = self.engine.jacobians(vector, params)
                     pending.add(
                         vector.shape[0],
@@ -491,8 +495,6 @@ class JacobianOptimizer(Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset the gradients of the wrapped optimizer and delete any ``.jac`` left on them."""
         self.optimizer.zero_grad(set_to_none=set_to_none)
-        if self.gramian_engine is not None:
-            self.gramian_engine.clear()
         for p in self._params():
             if hasattr(p, "jac"):
                 del p.jac
@@ -501,7 +503,13 @@ class JacobianOptimizer(Optimizer):
         """Add a parameter group to the wrapped optimizer; it joins the next Jacobian."""
         self.optimizer.add_param_group(param_group)
         if self.gramian_engine is not None:
-            self.gramian_engine.clear()
+            self.gramian_engine.refresh()
+
+    def remove_hooks(self) -> None:
+        """Remove the forward hooks of the Gramian engine (also done when the optimizer is
+        dropped); later steps differentiate every parameter exactly by batched VJPs."""
+        if self.gramian_engine is not None:
+            self.gramian_engine.remove_hooks()
 
     def state_dict(self) -> dict[str, Any]:
         """The wrapped optimizer's ``state_dict`` plus one ``"jdoptim"`` key (aggregator state).
@@ -548,6 +556,10 @@ class JacobianOptimizer(Optimizer):
             raise
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+
+def _trainable(optimizer: Optimizer) -> list[Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
 
 
 def _aggregator_state(aggregator: Callable[[Tensor], Tensor]) -> dict[str, Any]:

@@ -1,0 +1,94 @@
+r"""Gramian blocks without overflow or underflow, accumulated in float64.
+
+A finite float32 Jacobian can have a Gramian outside float32's range (rows near ``1e19`` square to
+``1e38·n``; rows near ``1e-23`` square to zero). Every engine forms its Gramian blocks from rows
+scaled by powers of two, ``x̂_i = 2^{-e_i} x_i`` with ``max |x̂_i|`` in ``[½, 1)``, in the rows'
+own dtype (float32 at least: fp16/bf16 pieces of an autocast forward are lifted), and maps them
+back exactly in float64:
+
+.. math::
+
+    G_{ij} = 2^{e_i + e_j} ⟨x̂_i, x̂_j⟩.
+
+Scaling by a power of two is exact, so for rows within the dtype's range the only rounding is
+that of the products themselves. Weighted sums ``Σ_i w_i x_i`` are formed the same way: the
+float64 coefficients ``w_i 2^{e_i}`` are brought to ``[-1, 1]`` by one power of two ``2^E``, the
+sum is taken in the rows' dtype and multiplied by ``2^E`` at the end.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the closed forms run in: the parameter's, float32 at least."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def exponents(pieces: list[Tensor]) -> Tensor:
+    """Per row (leading dim), the exponent ``e`` with ``max |x| < 2^e`` over all ``pieces``."""
+    amax = torch.stack([p.reshape(p.shape[0], -1).abs().amax(dim=1) for p in pieces]).amax(0)
+    amax = torch.where(torch.isfinite(amax) & (amax > 0), amax, torch.ones_like(amax))
+    return torch.frexp(amax).exponent
+
+
+def scale_rows(x: Tensor, exps: Tensor) -> Tensor:
+    """``x_i · 2^{-e_i}`` (exact)."""
+    return torch.ldexp(x, (-exps).view(-1, *([1] * (x.ndim - 1))).to(x.dtype))
+
+
+def unscale_gramian(block: Tensor, exps: Tensor) -> Tensor:
+    """``2^{e_i + e_j} block_ij`` in float64, for a block formed from rows scaled by ``exps``."""
+    scale = torch.ldexp(torch.ones_like(exps, dtype=torch.float64), exps.to(torch.float64))
+    return block.to(torch.float64) * torch.outer(scale, scale)
+
+
+def coefficients(weights: Tensor, exps: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``c`` in ``dtype`` and ``E`` with ``Σ_i w_i x_i = 2^E Σ_i c_i x̂_i`` and ``|c_i| <= 1``."""
+    full = torch.ldexp(weights.to(torch.float64), exps.to(torch.float64))
+    top = full.abs().amax()
+    shift = torch.frexp(
+        torch.where(torch.isfinite(top) & (top > 0), top, top.new_ones(()))
+    ).exponent
+    return torch.ldexp(full, -shift.to(torch.float64)).to(dtype), shift
+
+
+def rescale(x: Tensor, shift: Tensor) -> Tensor:
+    """``x · 2^shift``."""
+    return torch.ldexp(x, shift.to(x.dtype))
+
+
+class ScaledRows:
+    """Rows ``[m, k]`` kept as ``2^{-e_i}``-scaled rows; Gramian in float64, weighted sums.
+
+    Examples
+    --------
+    >>> import torch
+    >>> rows = ScaledRows(torch.tensor([[3e19, 4e19], [1e-23, 0.0]]))
+    >>> rows.gramian()
+    tensor([[2.5000e+39, 3.0000e-04],
+            [3.0000e-04, 1.0000e-46]], dtype=torch.float64)
+    >>> rows.combine(torch.tensor([0.0, 1.0], dtype=torch.float64))
+    tensor([1.0000e-23, 0.0000e+00])
+    """
+
+    __slots__ = ("exps", "scaled")
+
+    def __init__(self, rows: Tensor, exps: Tensor | None = None) -> None:
+        """``rows`` ``[m, ...]``; with ``exps``, rows already scaled by ``2^{-exps}``."""
+        rows = rows.reshape(rows.shape[0], -1)
+        rows = rows.to(compute_dtype(rows.dtype))
+        if exps is None:
+            exps = exponents([rows])
+            rows = scale_rows(rows, exps)
+        self.exps, self.scaled = exps, rows
+
+    def gramian(self) -> Tensor:
+        return unscale_gramian(self.scaled @ self.scaled.T, self.exps)
+
+    def combine(self, weights: Tensor) -> Tensor:
+        """``Σ_i w_i x_i`` (flat)."""
+        coef, shift = coefficients(weights, self.exps, self.scaled.dtype)
+        return rescale(coef @ self.scaled, shift)
