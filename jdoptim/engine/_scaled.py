@@ -34,9 +34,17 @@ def exponents(pieces: list[Tensor]) -> Tensor:
     return torch.frexp(amax).exponent
 
 
+def _times_pow2(x: Tensor, e: Tensor) -> Tensor:
+    """``x · 2^e`` exactly, in two factors: ``2^e`` alone may not fit ``x``'s dtype (float32
+    rows near its smallest subnormal need ``2^149``)."""
+    half = torch.div(e, 2, rounding_mode="floor")
+    one = torch.ones((), dtype=x.dtype, device=x.device)
+    return x * torch.ldexp(one, half.to(x.dtype)) * torch.ldexp(one, (e - half).to(x.dtype))
+
+
 def scale_rows(x: Tensor, exps: Tensor) -> Tensor:
     """``x_i · 2^{-e_i}`` (exact)."""
-    return torch.ldexp(x, (-exps).view(-1, *([1] * (x.ndim - 1))).to(x.dtype))
+    return _times_pow2(x, (-exps).view(-1, *([1] * (x.ndim - 1))))
 
 
 def unscale_gramian(block: Tensor, exps: Tensor) -> Tensor:
@@ -57,7 +65,7 @@ def coefficients(weights: Tensor, exps: Tensor, dtype: torch.dtype) -> tuple[Ten
 
 def rescale(x: Tensor, shift: Tensor) -> Tensor:
     """``x · 2^shift``."""
-    return torch.ldexp(x, shift.to(x.dtype))
+    return _times_pow2(x, shift)
 
 
 class ScaledRows:
