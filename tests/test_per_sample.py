@@ -58,6 +58,21 @@ class _Tied(nn.Module):
         return self.b(h) + (h @ self.a.weight).sum(dim=1, keepdim=True)
 
 
+class _Transformer(nn.Module):
+    """Embedding + one encoder layer (self-attention, LayerNorm, feed-forward) + a head."""
+
+    def __init__(self, masked: bool = False) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(9, 8)
+        self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, 2)
+        self.masked = masked
+
+    def forward(self, tokens):
+        mask = (tokens == 0) if self.masked else None  # padding: attention falls back to VJPs
+        return self.head(self.layer(self.embedding(tokens), src_key_padding_mask=mask).mean(1))
+
+
 class _GRUModel(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -90,6 +105,8 @@ CASES = {
     "custom_layer": (lambda: nn.Sequential(nn.Linear(5, 3), _Scale(3), nn.Linear(3, 2)), (6, 5)),
     "tied": (_Tied, (6, 4)),
     "gru": (_GRUModel, (6, 5, 3)),
+    "transformer": (_Transformer, None),
+    "attention_masked": (lambda: _Transformer(masked=True), None),
 }
 
 
@@ -135,7 +152,15 @@ def _count_fallbacks(monkeypatch):
 
 @pytest.mark.parametrize(
     ("name", "n_fallback"),
-    [("mlp", 0), ("cnn", 0), ("sequence", 0), ("custom_layer", 1), ("tied", 1)],
+    [
+        ("mlp", 0),
+        ("cnn", 0),
+        ("sequence", 0),
+        ("custom_layer", 1),
+        ("tied", 1),
+        ("transformer", 0),
+        ("attention_masked", 4),
+    ],
 )
 def test_closed_forms_are_used_and_only_the_rest_falls_back(monkeypatch, name, n_fallback):
     calls = _count_fallbacks(monkeypatch)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from jdoptim.engine._layer_rules import PerSample, rule_for
+from jdoptim.engine._layer_rules import PerSample, covered, rule_for
 from jdoptim.engine._reduce import total
 from jdoptim.engine._scaled import ScaledRows
 
@@ -194,7 +194,7 @@ def combine_parts(
             ]
             module = modules[key]
             per_param = rule_for(module)(module, pairs)
-            names = {id(p): name for name, p in module.named_parameters(recurse=False)}
+            names = {id(p): name for name, p in covered(module)}
             rules += [(k, per_param[names[id(params[k])]]) for k in closed]
     stacked = {k: torch.cat(rs) for k, rs in rows.items()}
     return _finish(params, weights_from_gramian, rules, stacked, sums, updates)

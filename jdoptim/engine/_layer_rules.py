@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from jdoptim.engine import _attention as attention
 from jdoptim.engine._scaled import (
     ScaledRows,
     coefficients,
@@ -189,6 +190,30 @@ def _group_norm(module: nn.GroupNorm, calls: Calls) -> dict[str, PerSample]:
     return _affine(module, per_call)
 
 
+def _self_attention(module: nn.MultiheadAttention, calls: Calls) -> dict[str, PerSample]:
+    """Both projections of self-attention (see :mod:`jdoptim.engine._attention`)."""
+    replayed = [attention.projections(module, x, g) for x, g in calls]
+    x = torch.cat([x for x, _ in calls], dim=1)
+    g = torch.cat([g for _, g in calls], dim=1)
+    o = torch.cat([r[0] for r in replayed], dim=1)
+    g_qkv = torch.cat([r[1] for r in replayed], dim=1)
+    rules = {
+        "in_proj_weight": _linear_map(x, g_qkv, module.in_proj_weight.shape),
+        "out_proj.weight": _linear_map(o, g, module.out_proj.weight.shape),
+    }
+    if module.in_proj_bias is not None:
+        rules["in_proj_bias"] = _rows(g_qkv.sum(dim=1), module.in_proj_bias.shape)
+    if module.out_proj.bias is not None:
+        rules["out_proj.bias"] = _rows(g.sum(dim=1), module.out_proj.bias.shape)
+    return rules
+
+
+def covered(module: nn.Module) -> list[tuple[str, Tensor]]:
+    """The parameters whose per-sample gradients a module's rule gives, by name (attention's
+    include its ``out_proj``'s, which it calls functionally)."""
+    return list(module.named_parameters(recurse=attention.supports(module)))
+
+
 def mixes_samples(module: nn.Module) -> bool:
     """Whether ``module`` normalises with statistics of the whole batch (BatchNorm in training
     mode, or without running statistics), so that no per-sample loss depends on one sample."""
@@ -235,4 +260,6 @@ def rule_for(module: nn.Module) -> Rule | None:
         return _layer_norm
     if _plain(module, nn.GroupNorm):
         return _group_norm
+    if attention.supports(module):
+        return _self_attention
     return None

@@ -23,10 +23,11 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
 
+from jdoptim.engine import _attention as attention
 from jdoptim.engine._assembly import SamplePart, _ModulePart, combine_parts
 from jdoptim.engine._graph import GraphWalk
 from jdoptim.engine._jacobian import JacobianEngine
-from jdoptim.engine._layer_rules import mixes_samples, mixing_error, rule_for
+from jdoptim.engine._layer_rules import covered, mixes_samples, mixing_error, rule_for
 from jdoptim.engine._mixing import check_per_sample
 from jdoptim.engine._recording import Record, Recorder
 from jdoptim.engine._scaled import compute_dtype
@@ -64,7 +65,7 @@ class PerSampleEngine:
         check_every: int = 100,
     ) -> None:
         self._fallback = JacobianEngine(parallel_chunk_size)
-        self._recorder = Recorder(params, _recorded)
+        self._recorder = Recorder(params, _recorded, attention.replayable)
         self.check_every = check_every
         self._steps = 0
 
@@ -188,15 +189,15 @@ def _closed_calls(
             calls.setdefault(record.module, []).append((node, record))
     owners: dict[int, int] = {}
     for module in calls:
-        for p in module.parameters(recurse=False):
+        for _, p in covered(module):
             owners[id(p)] = owners.get(id(p), 0) + 1
     result = {}
     for module, found in calls.items():
-        if not all(r.intact() and r.input.shape[:1] == (m,) for _, r in found):
+        if not all(r.usable and r.intact() and r.input.shape[:1] == (m,) for _, r in found):
             continue
         ks = [
             index[id(p)]
-            for p in module.parameters(recurse=False)
+            for _, p in covered(module)
             if id(p) in index
             and id(p) not in summed_only
             and owners[id(p)] == 1
@@ -228,7 +229,7 @@ def _module_parts(
     with torch.no_grad():
         for module, (_, ks) in closed.items():
             per_param = rule_for(module)(module, pairs[module])
-            names = {id(p): name for name, p in module.named_parameters(recurse=False)}
+            names = {id(p): name for name, p in covered(module)}
             rules = {k: per_param[names[id(params[k])]] for k in ks}
             parts.append(_ModulePart(module, pairs[module], rules))
     return parts

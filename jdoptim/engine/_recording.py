@@ -28,13 +28,14 @@ from torch.utils.hooks import RemovableHandle
 
 
 class Record:
-    """One module call: the module, its detached input (and the input's version at the call),
-    and where its output sits among the outputs of its graph node."""
+    """One module call: the module, its detached first input (and the input's version at the
+    call), where its output sits among the outputs of its graph node, and whether the engine's
+    rule can replay the call from that input (``usable``)."""
 
-    __slots__ = ("input", "module", "output_nr", "shape", "version")
+    __slots__ = ("input", "module", "output_nr", "shape", "usable", "version")
 
-    def __init__(self, module: nn.Module, input: Any, output: Tensor) -> None:
-        self.module = module
+    def __init__(self, module: nn.Module, input: Any, output: Tensor, usable: bool) -> None:
+        self.module, self.usable = module, usable
         self.input = input.detach() if isinstance(input, Tensor) else input
         self.version = input._version if isinstance(input, Tensor) else 0
         self.output_nr, self.shape = output.output_nr, output.shape
@@ -83,6 +84,9 @@ class Recorder:
         :meth:`refresh` (after ``add_param_group``).
     accepts:
         Whether a module owning some of the parameters is recorded.
+    usable:
+        Whether a call ``(module, args, kwargs)`` can be replayed from its first input (judged
+        at the call, where the arguments' identities are known).
 
     Examples
     --------
@@ -99,9 +103,14 @@ class Recorder:
     """
 
     def __init__(
-        self, params: Callable[[], list[Tensor]], accepts: Callable[[nn.Module], bool]
+        self,
+        params: Callable[[], list[Tensor]],
+        accepts: Callable[[nn.Module], bool],
+        usable: Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], bool] = (
+            lambda module, args, kwargs: True
+        ),
     ) -> None:
-        self._params, self._accepts = params, accepts
+        self._params, self._accepts, self._usable = params, accepts, usable
         self.key = object()  # this recorder's entry in the graph nodes' metadata
         self._handles: list[RemovableHandle] = []
         self._finalizer = weakref.finalize(self, _remove, self._handles)
@@ -117,7 +126,7 @@ class Recorder:
         _remove(self._handles)
         hook = _Hook(weakref.ref(self))
         modules = [m for m in owning_modules(self._params()) if self._accepts(m)]
-        self._handles += [m.register_forward_hook(hook) for m in modules]
+        self._handles += [m.register_forward_hook(hook, with_kwargs=True) for m in modules]
         self._hooked = [weakref.ref(m) for m in modules]
 
     def remove(self) -> None:
@@ -125,13 +134,15 @@ class Recorder:
         _remove(self._handles)
         self._hooked = []
 
-    def _record(self, module: nn.Module, args: Any, output: Any) -> None:
+    def _record(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> None:
         if isinstance(output, tuple) and output and isinstance(output[0], Tensor):
             output = output[0]
         if not args or not isinstance(output, Tensor) or output.grad_fn is None:
             return
-        node = output.grad_fn
-        node.metadata.setdefault(self.key, []).append(Record(module, args[0], output))
+        record = Record(module, args[0], output, self._usable(module, args, kwargs))
+        output.grad_fn.metadata.setdefault(self.key, []).append(record)
 
 
 class _Hook:
@@ -146,12 +157,12 @@ class _Hook:
     def __init__(self, recorder: weakref.ref[Recorder] | None = None) -> None:
         self.recorder = recorder
 
-    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+    def __call__(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         if self.recorder is None or torch.compiler.is_compiling() or not torch.is_grad_enabled():
             return
         owner = self.recorder()
         if owner is not None:
-            owner._record(module, args, output)
+            owner._record(module, args, kwargs, output)
 
     def __reduce__(self) -> tuple[type[_Hook], tuple[()]]:
         return (_Hook, ())

@@ -18,6 +18,8 @@ sum is taken in the rows' dtype and multiplied by ``2^E`` at the end.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -28,10 +30,17 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def exponents(pieces: list[Tensor]) -> Tensor:
-    """Per row (leading dim), the exponent ``e`` with ``max |x| < 2^e`` over all ``pieces``."""
+    """Per row (leading dim), the exponent ``e`` with ``max |x| < 2^e`` over all ``pieces``.
+
+    All zeros (no scaling) when every row is within ``2^{±k}``, ``k`` a sixth of the dtype's
+    exponent range: products of two such rows, summed over any realistic length, stay far from
+    overflow and underflow, and the scaling passes are skipped.
+    """
     amax = torch.stack([p.reshape(p.shape[0], -1).abs().amax(dim=1) for p in pieces]).amax(0)
     amax = torch.where(torch.isfinite(amax) & (amax > 0), amax, torch.ones_like(amax))
-    return torch.frexp(amax).exponent
+    exps = torch.frexp(amax).exponent
+    window = int(math.log2(torch.finfo(pieces[0].dtype).max)) // 6
+    return exps if bool((exps.abs() > window).any()) else torch.zeros_like(exps)
 
 
 def _times_pow2(x: Tensor, e: Tensor) -> Tensor:
@@ -44,6 +53,8 @@ def _times_pow2(x: Tensor, e: Tensor) -> Tensor:
 
 def scale_rows(x: Tensor, exps: Tensor) -> Tensor:
     """``x_i · 2^{-e_i}`` (exact)."""
+    if not bool(exps.any()):
+        return x
     return _times_pow2(x, (-exps).view(-1, *([1] * (x.ndim - 1))))
 
 
