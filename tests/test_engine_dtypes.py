@@ -12,17 +12,7 @@ from torch.func import functional_call, jacrev
 from jdoptim import JacobianOptimizer
 from jdoptim.aggregation import Mean, UPGrad
 from jdoptim.engine import LayerGramianEngine, PerSampleEngine
-
-
-class _Scale(nn.Module):
-    """No closed form: its parameter goes through the batched-VJP rows."""
-
-    def __init__(self, n: int) -> None:
-        super().__init__()
-        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, n))
-
-    def forward(self, x):
-        return x * self.scale
+from tests.test_per_sample import _Scale
 
 
 class _Mixed(nn.Module):
