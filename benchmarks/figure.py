@@ -6,8 +6,9 @@ Usage::
         --benchmark-json=grid.json
     python benchmarks/figure.py grid.json docs/_static/per_sample_ratio.png
 
-Every ratio is the median step time over the median plain step of the same model and batch size,
-from the same run (needs ``matplotlib``: ``pip install jdoptim[bench]``).
+It prints the ratios as a markdown table and draws them. Every ratio is the median step time
+over the median plain step of the same model and batch size, from the same run (needs
+``matplotlib``: ``pip install jdoptim[bench]``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,22 @@ def ratios(path: str) -> dict[tuple[str, str], dict[int, float]]:
     return result
 
 
+def table(path: str) -> str:
+    """A markdown table of the ratios: one row per model and batch size, one column per method."""
+    data = ratios(path)
+    methods = sorted({method for _, method in data})
+    rows = sorted({(model, b) for (model, _), points in data.items() for b in points})
+    lines = [
+        "| model | B | " + " | ".join(methods) + " |",
+        "|---|---:|" + "---:|" * len(methods),
+    ]
+    for model, b in rows:
+        cells = [data.get((model, m), {}).get(b) for m in methods]
+        text = ["-" if c is None else f"{c:.2f}x" for c in cells]
+        lines.append(f"| {model} | {b} | " + " | ".join(text) + " |")
+    return "\n".join(lines)
+
+
 def draw(path: str, out: str) -> None:
     import matplotlib
 
@@ -58,8 +75,10 @@ def draw(path: str, out: str) -> None:
     axes[0].set_ylabel("step time / plain step")
     axes[-1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=80)
 
 
 if __name__ == "__main__":
-    draw(sys.argv[1], sys.argv[2])
+    print(table(sys.argv[1]))
+    if len(sys.argv) > 2:
+        draw(sys.argv[1], sys.argv[2])

@@ -41,6 +41,7 @@ from jdoptim.engine._recording import Record, Recorder
 from jdoptim.engine._reduce import total
 from jdoptim.engine._scaled import (
     ScaledRows,
+    add,
     coefficients,
     compute_dtype,
     exponents,
@@ -75,15 +76,15 @@ class _LinearCall:
         else:
             rows = torch.matmul(g.transpose(1, 2), a).reshape(m, -1)
             block = rows @ rows.T
-        block = unscale_gramian(block, self.exps_g + self.exps_a)
+        block = unscale_gramian(block, add(self.exps_g, self.exps_a))
         if self.module.bias is not None:
-            block = block + ScaledRows(g.sum(dim=1), self.exps_g).gramian()
+            block = block + ScaledRows(g.sum(dim=1), prescaled=True, exps=self.exps_g).gramian()
         return block
 
     def updates(self, weights: Tensor) -> dict[int, Tensor]:
         """The weighted updates ``Σ_t w_t J_t`` of the weight and the bias, by ``id``."""
         module = self.module
-        coef, shift = coefficients(weights, self.exps_g + self.exps_a, self.grads.dtype)
+        coef, shift = coefficients(weights, add(self.exps_g, self.exps_a), self.grads.dtype)
         combined = torch.tensordot(coef, self.grads, dims=1)  # [N, o]
         weight = rescale(combined.T @ self.input, shift)
         result = {id(module.weight): weight.to(module.weight.dtype)}

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from jdoptim.engine import _attention as attention
 from jdoptim.engine._scaled import (
     ScaledRows,
+    add,
     coefficients,
     exponents,
     rescale,
@@ -51,10 +52,12 @@ class UnsupportedLayerError(RuntimeError):
     """Raised for layers whose per-sample gradients are not defined (they mix samples)."""
 
 
-def _rows(per_sample: Tensor, shape: torch.Size, exps: Tensor | None = None) -> PerSample:
+def _rows(
+    per_sample: Tensor, shape: torch.Size, prescaled: bool = False, exps: Tensor | None = None
+) -> PerSample:
     """A parameter whose per-sample gradients ``[B, *shape]`` are small enough to hold (already
     scaled by ``2^{-exps}`` when ``exps`` is given)."""
-    rows = ScaledRows(per_sample, exps)
+    rows = ScaledRows(per_sample, prescaled=prescaled, exps=exps)
     return PerSample(gramian=rows.gramian, update=lambda w: rows.combine(w).view(shape))
 
 
@@ -72,9 +75,9 @@ def _linear_map(inputs: Tensor, grads: Tensor, shape: torch.Size) -> PerSample:
     o = grads.shape[2]
     exps_a, exps_g = exponents([inputs]), exponents([grads])
     scaled_a, scaled_g = scale_rows(inputs, exps_a), scale_rows(grads, exps_g)
-    exps = exps_a + exps_g
+    exps = add(exps_a, exps_g)
     if (b * t) ** 2 * (d + o) > b * t * o * d + b * b * o * d:
-        return _rows(torch.einsum("bto,btd->bod", scaled_g, scaled_a), shape, exps)
+        return _rows(torch.einsum("bto,btd->bod", scaled_g, scaled_a), shape, True, exps)
     flat_a, flat_g = scaled_a.reshape(b * t, d), scaled_g.reshape(b * t, o)
 
     def gramian() -> Tensor:

@@ -29,18 +29,25 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def exponents(pieces: list[Tensor]) -> Tensor:
-    """Per row (leading dim), the exponent ``e`` with ``max |x| < 2^e`` over all ``pieces``.
+def _window(dtype: torch.dtype) -> int:
+    """A sixth of the dtype's exponent range: products of two rows within ``2^{±k}``, summed
+    over any realistic length, stay far from overflow and underflow."""
+    return int(math.log2(torch.finfo(dtype).max)) // 6
 
-    All zeros (no scaling) when every row is within ``2^{±k}``, ``k`` a sixth of the dtype's
-    exponent range: products of two such rows, summed over any realistic length, stay far from
-    overflow and underflow, and the scaling passes are skipped.
-    """
+
+def exponents(pieces: list[Tensor]) -> Tensor | None:
+    """Per row (leading dim), the exponent ``e`` with ``max |x| < 2^e`` over all ``pieces``, or
+    ``None`` (no scaling) when every row is within ``2^{±k}`` (see :func:`_window`); one host
+    read decides, and the scaling passes are skipped in the common case."""
     amax = torch.stack([p.reshape(p.shape[0], -1).abs().amax(dim=1) for p in pieces]).amax(0)
     amax = torch.where(torch.isfinite(amax) & (amax > 0), amax, torch.ones_like(amax))
     exps = torch.frexp(amax).exponent
-    window = int(math.log2(torch.finfo(pieces[0].dtype).max)) // 6
-    return exps if bool((exps.abs() > window).any()) else torch.zeros_like(exps)
+    return exps if bool((exps.abs() > _window(pieces[0].dtype)).any()) else None
+
+
+def add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    """The sum of two exponent vectors, ``None`` standing for zeros."""
+    return b if a is None else a if b is None else a + b
 
 
 def _times_pow2(x: Tensor, e: Tensor) -> Tensor:
@@ -51,32 +58,45 @@ def _times_pow2(x: Tensor, e: Tensor) -> Tensor:
     return x * torch.ldexp(one, half.to(x.dtype)) * torch.ldexp(one, (e - half).to(x.dtype))
 
 
-def scale_rows(x: Tensor, exps: Tensor) -> Tensor:
+def scale_rows(x: Tensor, exps: Tensor | None) -> Tensor:
     """``x_i · 2^{-e_i}`` (exact)."""
-    if not bool(exps.any()):
+    if exps is None:
         return x
     return _times_pow2(x, (-exps).view(-1, *([1] * (x.ndim - 1))))
 
 
-def unscale_gramian(block: Tensor, exps: Tensor) -> Tensor:
+def unscale_gramian(block: Tensor, exps: Tensor | None) -> Tensor:
     """``2^{e_i + e_j} block_ij`` in float64, for a block formed from rows scaled by ``exps``."""
+    if exps is None:
+        return block.to(torch.float64)
     scale = torch.ldexp(torch.ones_like(exps, dtype=torch.float64), exps.to(torch.float64))
     return block.to(torch.float64) * torch.outer(scale, scale)
 
 
-def coefficients(weights: Tensor, exps: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """``c`` in ``dtype`` and ``E`` with ``Σ_i w_i x_i = 2^E Σ_i c_i x̂_i`` and ``|c_i| <= 1``."""
-    full = torch.ldexp(weights.to(torch.float64), exps.to(torch.float64))
+def coefficients(
+    weights: Tensor, exps: Tensor | None, dtype: torch.dtype
+) -> tuple[Tensor, Tensor | None]:
+    """``c`` in ``dtype`` and ``E`` with ``Σ_i w_i x_i = 2^E Σ_i c_i x̂_i`` (``E = None``: 0).
+
+    The float64 coefficients ``w_i 2^{e_i}`` are used as they are when they fit ``dtype``
+    comfortably (one host read decides); otherwise they are brought to ``|c_i| <= 1``.
+    """
+    full = weights.to(torch.float64)
+    if exps is not None:
+        full = torch.ldexp(full, exps.to(torch.float64))
     top = full.abs().amax()
+    window = 2.0 ** _window(dtype)
+    if 1 / window <= float(top) <= window:
+        return full.to(dtype), None
     shift = torch.frexp(
         torch.where(torch.isfinite(top) & (top > 0), top, top.new_ones(()))
     ).exponent
     return torch.ldexp(full, -shift.to(torch.float64)).to(dtype), shift
 
 
-def rescale(x: Tensor, shift: Tensor) -> Tensor:
+def rescale(x: Tensor, shift: Tensor | None) -> Tensor:
     """``x · 2^shift``."""
-    return _times_pow2(x, shift)
+    return x if shift is None else _times_pow2(x, shift)
 
 
 class ScaledRows:
@@ -95,11 +115,11 @@ class ScaledRows:
 
     __slots__ = ("exps", "scaled")
 
-    def __init__(self, rows: Tensor, exps: Tensor | None = None) -> None:
-        """``rows`` ``[m, ...]``; with ``exps``, rows already scaled by ``2^{-exps}``."""
+    def __init__(self, rows: Tensor, *, prescaled: bool = False, exps: Tensor | None = None):
+        """``rows`` ``[m, ...]``; ``prescaled``: already scaled by ``2^{-exps}``."""
         rows = rows.reshape(rows.shape[0], -1)
         rows = rows.to(compute_dtype(rows.dtype))
-        if exps is None:
+        if not prescaled:
             exps = exponents([rows])
             rows = scale_rows(rows, exps)
         self.exps, self.scaled = exps, rows
