@@ -15,7 +15,8 @@ same ``.grad``. Two ways to form the global loss vector:
     per-sample engine gathers only layer inputs and output gradients.
 
 Micro-batches of gradient accumulation combine in the same way, before the ranks do: averaged
-under ``"mean"``, rows stacked in call order under ``"concat"``.
+under ``"mean"``, rows stacked in call order under ``"concat"`` (see :mod:`jdoptim._path._combine`,
+which drives these collectives).
 
 Collectives run in a fixed order on a fixed parameter list. Before any tensor crosses, the ranks
 exchange a small signature (numbers of losses, which parameters the losses reach, shapes) and

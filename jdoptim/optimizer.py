@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import functools
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
@@ -11,6 +10,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from jdoptim._aggregator_state import load_with, state_of
 from jdoptim._path import Path, Setup
 from jdoptim._validation import check_options
 from jdoptim.aggregation import GramianWeightedAggregator, UPGrad
@@ -84,6 +84,16 @@ class JacobianOptimizer(Optimizer):
         Every rank then runs the same aggregation and writes the same ``.grad``; ``step`` and
         ``backward`` return the local losses. After each exchange, ``cross_rank_bytes`` holds
         the bytes this rank sent. See :doc:`distributed`.
+
+    Notes
+    -----
+    A parameter listed twice (torch warns) is differentiated and written once. Parameters of
+    several dtypes share one Gramian, accumulated in their promoted dtype (``float64`` for
+    ``float32`` and ``float64``); each ``.grad`` is written in its parameter's dtype. Sparse
+    gradients (``nn.Embedding(sparse=True)``) are supported with ``batch_dim=0``; elsewhere an
+    error names the parameter before anything is touched. A ``backward`` that raises, and a
+    ``step`` whose closure, aggregation or wrapped step raises before updating, leave the
+    parameters, ``.grad``, ``.jac`` and the inner and aggregator states as they were.
 
     Examples
     --------
@@ -210,15 +220,19 @@ class JacobianOptimizer(Optimizer):
             return None
         params = self._params()
         saved_grads = [p.grad for p in params]
+        weighed = False
         try:
             with torch.enable_grad():
                 losses = closure()
             vector = self.backward(losses)
+            weighed = True
+            self.optimizer.step()  # one that raises before updating leaves everything as it was
         except BaseException:
             for p, g in zip(params, saved_grads, strict=True):
                 p.grad = g
+            if weighed:
+                self._path.undo()
             raise
-        self.optimizer.step()
         return vector
 
     def backward(
@@ -308,7 +322,7 @@ class JacobianOptimizer(Optimizer):
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         state_dict = self.optimizer.state_dict()
-        state_dict[_STATE_KEY] = {"aggregator": _aggregator_state(self.aggregator)}
+        state_dict[_STATE_KEY] = {"aggregator": state_of(self.aggregator)}
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, state_dict)
             if result is not None:
@@ -323,24 +337,9 @@ class JacobianOptimizer(Optimizer):
             if result is not None:
                 state_dict = result
         extra = state_dict.pop(_STATE_KEY, None)
-        aggregator_state = {} if extra is None else extra.get("aggregator", {})
-        if extra is None and _aggregator_state(self.aggregator):
-            raise KeyError(
-                f"the state dict has no {_STATE_KEY!r} key but {self.aggregator!r} is stateful"
-            )
-        load = getattr(self.aggregator, "load_state_dict", None)
-        if load is None and aggregator_state:
-            raise ValueError("the state dict holds aggregator state the aggregator cannot load")
-        # A failed load (aggregator or inner optimizer) leaves both as they were.
-        previous = copy.deepcopy(_aggregator_state(self.aggregator))
-        try:
-            if load is not None:
-                load(aggregator_state)
-            self.optimizer.load_state_dict(state_dict)
-        except BaseException:
-            if load is not None:
-                load(previous)
-            raise
+        load_with(
+            self.aggregator, extra, _STATE_KEY, lambda: self.optimizer.load_state_dict(state_dict)
+        )
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
@@ -352,8 +351,3 @@ def _trainable(optimizer: Optimizer) -> list[Tensor]:
         id(p): p for group in optimizer.param_groups for p in group["params"] if p.requires_grad
     }
     return list(params.values())
-
-
-def _aggregator_state(aggregator: Callable[[Tensor], Tensor]) -> dict[str, Any]:
-    get = getattr(aggregator, "state_dict", None)
-    return {} if get is None else get()

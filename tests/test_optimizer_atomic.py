@@ -134,3 +134,20 @@ def test_the_next_step_after_a_failure_uses_the_restored_state():
         opt.backward(_losses(model))  # call 3: poisoned, rolled back to 2
     assert opt.aggregator.state_dict()["calls"].item() == 2
     assert opt._path.record.weights.isfinite().all()  # the last good record
+
+
+def test_a_wrapped_step_that_raises_restores_grad_and_the_aggregator_state():
+    """LBFGS needs its own closure: its step raises after our backward, before any update."""
+    model = _model()
+    opt = JacobianOptimizer(
+        torch.optim.LBFGS(model.parameters()),
+        GramianWeightedAggregator(_CountingWeighting(poison_at=99)),
+    )
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+        p.jac = torch.randn(3, *p.shape)
+    opt.aggregator.weighting.calls += 5
+    before = _snapshot(model, opt)
+    with pytest.raises(TypeError, match="closure"):
+        opt.step(lambda: _losses(model))
+    _assert_same(before, _snapshot(model, opt))

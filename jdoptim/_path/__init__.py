@@ -46,6 +46,9 @@ class Path:
         Bytes this rank sent in the last cross-rank exchange.
     record:
         The :class:`StepRecord` of the last call that weighed, or ``None``.
+    observe:
+        Whether the weigh stage also records ``J u`` (and ``J Jᵀ`` for an aggregator of the
+        matrix): set while per-step diagnostics listen.
     """
 
     def __init__(self) -> None:
@@ -53,6 +56,8 @@ class Path:
         self.ranks_synced = False  # the aggregator state was given rank 0's
         self.bytes_sent = 0
         self.record: StepRecord | None = None
+        self._weighed: Weigh | None = None  # the last call's weigh stage, for undo()
+        self.observe = False
 
     def backward(
         self, losses: object, params: Sequence[Tensor], setup: Setup, accumulate: bool
@@ -92,7 +97,7 @@ class Path:
             self.ranks_synced = True
 
         # combine, weigh, write
-        weigh = Weigh(setup.aggregator)
+        weigh = Weigh(setup.aggregator, route, self.observe)
         try:
             updates = pending.weighed(weigh, exchange, error)
             check_finite_updates(params, updates)
@@ -101,6 +106,7 @@ class Path:
             if scale is None or error is not None:
                 raise
             write_overflow(params)  # the GradScaler's overflow: it skips the step
+            return vector.detach()  # type: ignore[union-attr]  # nothing weighed to record
         except BaseException:
             weigh.rollback()
             raise
@@ -110,8 +116,15 @@ class Path:
             if exchange is not None:
                 self.bytes_sent = exchange.bytes_sent
         weigh.record.losses = vector.detach()  # type: ignore[union-attr]
-        self.record = weigh.record
+        self.record, self._weighed = weigh.record, weigh
         return vector.detach()  # type: ignore[union-attr]
+
+    def undo(self) -> None:
+        """Give the aggregator the state it had before the last call weighed (the step failed
+        after ``backward``: in the wrapped optimizer's ``step``)."""
+        if self._weighed is not None:
+            self._weighed.rollback()
+            self._weighed = None
 
 
 def _summed_only(params: Sequence[Tensor], shared: Sequence[Tensor] | None) -> frozenset[int]:

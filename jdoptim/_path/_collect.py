@@ -1,6 +1,7 @@
 """Collect: what one call's losses contribute to the global Jacobian, on this rank.
 
-This module is the only place where the path talks to the engines. Three routes, chosen per call:
+This module is the only place where the path talks to the engines (it also runs the per-sample
+engine's combination of parts, :func:`combine_samples`). Three routes, chosen per call:
 
 ``"jacobian"``
     The Jacobian engine's rows ``[m, *p.shape]`` per parameter (batched VJPs); the parameters
@@ -28,6 +29,7 @@ from torch import Tensor
 from jdoptim._validation import check_dense_gradients
 from jdoptim.aggregation import GramianWeightedAggregator
 from jdoptim.engine import JacobianEngine, PerSampleEngine
+from jdoptim.engine._per_sample import SamplePart, combine_parts
 
 Route = Literal["jacobian", "samples", "layers"]
 Mode = Literal["mean", "concat"]
@@ -107,3 +109,21 @@ def collect(
             j = j.sum(dim=0, keepdim=True) if id(p) in summed_only else j
             blocks[k] = j if scale is None else j / scale
     return JacobianPart(losses.shape[0], blocks)
+
+
+def combine_samples(
+    parts: list[SamplePart],
+    params: list[Tensor],
+    weights: Callable[[Tensor], Tensor],
+    summed_only: frozenset[int],
+    gather: Callable[[list[Tensor]], list[list[Tensor]]] | None,
+    signatures: list[Any] | None,
+) -> list[Tensor | None]:
+    """The per-sample engine's updates for the concatenated losses of ``parts`` (then ranks).
+
+    The engine forms the global Gramian from the parts' pieces and calls ``weights`` on it.
+    """
+    updates, _ = combine_parts(
+        parts, params, weights, summed_only, gather=gather, signatures=signatures
+    )
+    return updates

@@ -11,14 +11,14 @@ the exchange, so that no rank waits in a collective.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from jdoptim._distributed import Exchange
-from jdoptim._path._collect import JacobianPart, LayerPart, Mode, Route
+from jdoptim._path._collect import JacobianPart, LayerPart, Mode, Route, combine_samples
 from jdoptim._path._weigh import Weigh
-from jdoptim.engine._per_sample import SamplePart, combine_parts
 from jdoptim.engine._reduce import total
 
 Updates = list[Tensor | None]
@@ -138,9 +138,9 @@ class SampleParts:
     def __init__(self, params: Sequence[Tensor], summed_only: frozenset[int]) -> None:
         self.params = list(params)
         self.summed_only = summed_only
-        self.parts: list[SamplePart] = []
+        self.parts: list[Any] = []  # the engine's SamplePart objects
 
-    def add(self, part: SamplePart) -> None:
+    def add(self, part: Any) -> None:
         """Keep the pieces of one micro-batch."""
         self.parts.append(part)
 
@@ -153,15 +153,9 @@ class SampleParts:
             gather = exchange.gather
         elif error is not None:
             raise error
-        updates, _ = combine_parts(
-            self.parts,
-            self.params,
-            weigh.weights,
-            self.summed_only,
-            gather=gather,
-            signatures=signatures,
+        return combine_samples(
+            self.parts, self.params, weigh.weights, self.summed_only, gather, signatures
         )
-        return updates
 
 
 class LayerParts:

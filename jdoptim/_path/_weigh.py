@@ -8,13 +8,13 @@ which per-step diagnostics read; a failed step restores the aggregator's state.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor
 
+from jdoptim._aggregator_state import snapshot
 from jdoptim._validation import check_finite_jacobians
 from jdoptim.aggregation import GramianWeightedAggregator
 from jdoptim.engine._reduce import concat_rows, gramian, split_update, weighted_blocks
@@ -32,16 +32,25 @@ class StepRecord:
     m:
         The number of global losses (micro-batches and ranks combined), the size of the Gramian.
     gramian:
-        The global Gramian ``[m, m]`` the weights came from (unscaled), or ``None`` when the
-        aggregator received the Jacobian matrix itself.
+        The global Gramian ``[m, m]`` the weights came from (unscaled). An aggregator that
+        receives the Jacobian matrix itself leaves ``None``, unless the path observes (then
+        ``J Jᵀ`` is formed for the record).
     weights:
         The weights ``[m]`` (``None`` for an aggregator that is not weight-based).
+    update_products:
+        ``J u`` (``[m]``), the inner product of each loss gradient with the update, when the
+        path observes (``None`` otherwise).
+    route:
+        How the Jacobian was differentiated: ``"jacobian"`` (batched VJPs), ``"samples"`` (the
+        per-sample engine) or ``"layers"`` (the layer-Gramian engine).
     """
 
+    route: str
     losses: Tensor | None = None
     m: int = 0
     gramian: Tensor | None = None
     weights: Tensor | None = None
+    update_products: Tensor | None = None
 
 
 class Weigh:
@@ -52,18 +61,32 @@ class Weigh:
     aggregator:
         The optimizer's aggregator: any callable ``[m, n] -> [n]``; a
         :class:`~jdoptim.aggregation.GramianWeightedAggregator` only sees the Gramian.
+    route:
+        The route of the path (kept in the record).
+    observe:
+        Also record ``J u`` (and, for an aggregator of the matrix, ``J Jᵀ``): per-step
+        diagnostics ask for it; it costs ``O(m² n)`` on the Jacobian route, ``O(m²)`` otherwise.
     """
 
-    def __init__(self, aggregator: Callable[[Tensor], Tensor]) -> None:
+    def __init__(
+        self, aggregator: Callable[[Tensor], Tensor], route: str, observe: bool = False
+    ) -> None:
         self.aggregator = aggregator
-        self.record = StepRecord()
+        self.observe = observe
+        self.record = StepRecord(route)
         self._saved: dict[str, Any] | None = None
 
     def weights(self, gramian: Tensor) -> Tensor:
-        """The aggregator's weights ``[m]`` for the global ``gramian`` (engines call this)."""
+        """The aggregator's weights ``[m]`` for the global ``gramian`` (engines call this).
+
+        The weights come in the Gramian's dtype (the promotion of the blocks' dtypes: float64
+        when float32 and float64 parameters meet); a caller casts them to each block's dtype.
+        """
         self._save_state()
         weights = self.aggregator.weights_from_gramian(gramian)  # type: ignore[attr-defined]
         self.record.m, self.record.gramian, self.record.weights = gramian.shape[0], gramian, weights
+        if self.observe:
+            self.record.update_products = gramian @ weights.to(gramian.dtype)
         return weights
 
     def jacobian(
@@ -86,7 +109,12 @@ class Weigh:
             updates = iter(weighted_blocks(self.weights(gramian(rows)), rows))
         else:
             self._save_state()
-            updates = iter(split_update(self.aggregator(concat_rows(rows)), rows))
+            matrix = concat_rows(rows)
+            update = self.aggregator(matrix)
+            updates = iter(split_update(update, rows))
+            if self.observe:
+                self.record.gramian = matrix @ matrix.T
+                self.record.update_products = matrix @ update.to(matrix.dtype)
         return [
             None if b is None else b.sum(dim=0) if s else next(updates)
             for b, s in zip(blocks, summed, strict=True)
@@ -98,7 +126,4 @@ class Weigh:
             self.aggregator.load_state_dict(self._saved)  # type: ignore[attr-defined]
 
     def _save_state(self) -> None:
-        get = getattr(self.aggregator, "state_dict", None)
-        state = None if get is None else get()
-        if state:
-            self._saved = copy.deepcopy(state)
+        self._saved = snapshot(self.aggregator)

@@ -7,14 +7,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from jdoptim._validation import NonFiniteError
+from jdoptim._validation import NonFiniteError, all_finite
 
 
 def check_finite_updates(params: Sequence[Tensor], updates: Sequence[Tensor | None]) -> None:
     """Raise a :class:`NonFiniteError` naming the first update that holds NaN or inf."""
     reached = [(k, u) for k, u in enumerate(updates) if u is not None]
-    if not reached or bool(torch.stack([torch.isfinite(u).all() for _, u in reached]).all()):
-        return  # one host read when everything is finite
+    if all_finite([u for _, u in reached]):
+        return
     k = next(k for k, u in reached if not bool(torch.isfinite(u).all()))
     raise NonFiniteError(
         f"the update of parameter {k} (shape {tuple(params[k].shape)}) holds NaN or inf: the "
