@@ -6,10 +6,14 @@ Run it with::
     python -m pytest benchmarks -p no:cacheprovider --benchmark-only
 """
 
+import os
+
 import pytest
 import torch
 
-NUM_THREADS = 2
+# On a loaded machine, run with one thread and CPU time (``JDOPTIM_BENCH_THREADS=1`` and
+# ``--benchmark-timer=time.process_time``): descheduling then does not enter the figures.
+NUM_THREADS = int(os.environ.get("JDOPTIM_BENCH_THREADS", "2"))
 
 
 @pytest.fixture(autouse=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
@@ -68,10 +69,12 @@ class JacobianOptimizer(Optimizer):
         then costs one forward and one backward: per-layer Gramians come in closed form from the
         layers' inputs and output gradients (``Linear``, ``Conv1d``, ``Conv2d``, ``Embedding``,
         ``LayerNorm``, ``GroupNorm``), other parameters are differentiated exactly by batched
-        VJPs. The layers are found through a global module forward hook that only records the
-        modules owning this optimizer's parameters, and only when grad is enabled; a forward not
-        followed by a step keeps the recorded layer inputs until the next ``zero_grad``.
-        ``BatchNorm`` in training mode mixes samples and is rejected with an explanation.
+        VJPs. Forward hooks on the modules that own this optimizer's parameters record each call
+        in the graph of its output (it goes away with the graph; nothing under ``no_grad`` or
+        ``torch.compile``); they are removed when the optimizer is dropped or by
+        :meth:`remove_hooks`. Losses that mix samples are rejected with an explanation
+        (``BatchNorm`` in training mode, and a randomly weighted second backward on the first
+        step and every 100 steps: see :doc:`performance`).
     path:
         How the Jacobian is differentiated. ``"auto"`` (default): with ``batch_dim``, the
         per-sample engine above; with ``shared_params`` and an aggregator that needs only the
@@ -176,11 +179,17 @@ class JacobianOptimizer(Optimizer):
         if path == "jacobian" or isinstance(aggregator, Scalarizer):
             return
         if batch_dim is not None:
-            self.gramian_engine = PerSampleEngine(self._params, parallel_chunk_size)
+            self.gramian_engine = PerSampleEngine(
+                functools.partial(_trainable, optimizer), parallel_chunk_size
+            )
         elif path == "gramian" or (
             shared is not None and isinstance(aggregator, GramianWeightedAggregator)
         ):
-            aggregated = self._params if shared is None else self._shared_params
+            aggregated = (
+                functools.partial(_trainable, optimizer)
+                if shared is None
+                else functools.partial(list, shared)
+            )
             self.gramian_engine = LayerGramianEngine(aggregated, parallel_chunk_size)
 
     # The data model of the wrapped optimizer, shared by reference.
@@ -258,15 +267,7 @@ class JacobianOptimizer(Optimizer):
         return handle
 
     def _params(self) -> list[Tensor]:
-        # Torch warns about a parameter listed twice in a group (and keeps it twice); its
-        # Jacobian columns and its .grad are counted once here.
-        params = {
-            id(p): p for group in self.param_groups for p in group["params"] if p.requires_grad
-        }
-        return list(params.values())
-
-    def _shared_params(self) -> list[Tensor]:
-        return self.shared_params
+        return _trainable(self.optimizer)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Compute the losses with ``closure``, write the aggregated ``.grad`` and step.
@@ -403,8 +404,6 @@ class JacobianOptimizer(Optimizer):
         """Reset the gradients of the wrapped optimizer and delete any ``.jac`` left on them."""
         self.optimizer.zero_grad(set_to_none=set_to_none)
         self._grad_written = False
-        if self.gramian_engine is not None:
-            self.gramian_engine.clear()
         for p in self._params():
             if hasattr(p, "jac"):
                 del p.jac
@@ -413,7 +412,13 @@ class JacobianOptimizer(Optimizer):
         """Add a parameter group to the wrapped optimizer; it joins the next Jacobian."""
         self.optimizer.add_param_group(param_group)
         if self.gramian_engine is not None:
-            self.gramian_engine.clear()
+            self.gramian_engine.refresh()
+
+    def remove_hooks(self) -> None:
+        """Remove the Gramian engine's forward hooks (dropping the optimizer does it too); later
+        steps differentiate every parameter exactly by batched VJPs."""
+        if self.gramian_engine is not None:
+            self.gramian_engine.remove_hooks()
 
     def state_dict(self) -> dict[str, Any]:
         """The wrapped optimizer's ``state_dict`` plus one ``"jdoptim"`` key (aggregator state).
@@ -495,3 +500,12 @@ def _detached(losses: Any) -> Tensor:
     if isinstance(losses, (list, tuple)):
         return torch.stack([torch.as_tensor(loss).detach().reshape(()) for loss in losses])
     return torch.as_tensor(losses).detach().reshape(-1)
+
+
+def _trainable(optimizer: Optimizer) -> list[Tensor]:
+    """The parameters that require grad, each once (torch warns about a parameter listed twice
+    in a group and keeps it twice; its Jacobian columns and its ``.grad`` are counted once)."""
+    params = {
+        id(p): p for group in optimizer.param_groups for p in group["params"] if p.requires_grad
+    }
+    return list(params.values())

@@ -176,13 +176,16 @@ def test_compute_gramian_validation():
         engine.compute_gramian([out])
 
 
-def test_the_forward_hook_goes_away_with_the_engine_without_a_gc_pass():
+def test_the_forward_hooks_are_per_module_and_go_away_with_the_engine_without_a_gc_pass():
     from torch.nn.modules import module as torch_module
 
-    model = nn.Linear(3, 1)
-    before = len(torch_module._global_forward_hooks)
-    engine = Engine(model, batch_dim=0)
-    assert len(torch_module._global_forward_hooks) == before + 1
+    model = nn.Sequential(nn.Linear(3, 2), nn.Tanh(), nn.Linear(2, 1))
+    unrelated = nn.Linear(3, 1)
+    global_before = len(torch_module._global_forward_hooks)
+    engine = Engine(model[2], batch_dim=0)
+    assert len(torch_module._global_forward_hooks) == global_before  # no process-wide hook
+    assert len(model[2]._forward_hooks) == 1
+    assert len(model[0]._forward_hooks) == len(unrelated._forward_hooks) == 0  # not owned
     engine.compute_gramian(model(torch.randn(4, 3)).squeeze(1))
     del engine  # reference counting alone must free it: no cycle through the engine
-    assert len(torch_module._global_forward_hooks) == before
+    assert len(model[2]._forward_hooks) == 0

@@ -103,8 +103,6 @@ def collect(
                 losses, params, weights, summed_only=summed_only, unscale=unscale
             )[0]
         )
-    if engine is not None:
-        engine.clear()  # the Jacobian route serves this call: drop the recorded layers
     blocks = setup.engine.jacobians(losses, params)
     for k, (p, j) in enumerate(zip(params, blocks, strict=True)):
         if j is not None:

@@ -13,38 +13,23 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from jdoptim.engine import JacobianEngine, PerSampleEngine
-from jdoptim.engine._per_sample import combine_parts
-
-
-class _RetainingJacobianEngine(JacobianEngine):
-    """Batched VJPs that always keep the graph (the caller back-propagates through it later)."""
-
-    def vjps(
-        self,
-        outputs: Sequence[Tensor],
-        rows: Sequence[Tensor],
-        inputs: Sequence[Tensor],
-        *,
-        retain_graph: bool = False,
-    ) -> list[Tensor | None]:
-        return super().vjps(outputs, rows, inputs, retain_graph=True)
+from jdoptim.engine import PerSampleEngine
+from jdoptim.engine._assembly import combine_parts
 
 
 class PerSampleGramian:
     """Gramians of per-sample losses w.r.t. ``params()``, from the per-sample engine.
 
-    Constructing it installs the engine's forward hook, which records the calls of the layers
-    that own the parameters while grad is enabled; each :meth:`gramian` forgets the records.
+    Constructing it installs the engine's forward hooks on the modules that own the parameters;
+    each recorded call lives in the graph of its output, so nothing outlives that graph.
     """
 
     def __init__(self, params: Callable[[], list[Tensor]]) -> None:
         self._engine = PerSampleEngine(params)
-        self._engine._fallback = _RetainingJacobianEngine()
 
     def gramian(self, losses: Tensor, params: Sequence[Tensor]) -> Tensor:
         """The ``[m, m]`` Gramian of the ``m`` losses (loss ``i`` depends on sample ``i`` only)."""
-        part = self._engine.collect(losses, params)
+        part = self._engine.collect(losses, params, retain_graph=True)
         captured: list[Tensor] = []
 
         def capture(gram: Tensor) -> Tensor:
@@ -52,8 +37,6 @@ class PerSampleGramian:
             return torch.zeros(gram.shape[0], dtype=gram.dtype, device=gram.device)
 
         combine_parts([part], params, capture)
-        return captured[0]
-
-    def clear(self) -> None:
-        """Forget the recorded layer calls."""
-        self._engine.clear()
+        # The engine accumulates in float64; the peer's users weigh and back-propagate in the
+        # losses' dtype (``losses.backward(weights)`` needs it).
+        return captured[0].to(losses.dtype)

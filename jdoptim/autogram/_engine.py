@@ -63,10 +63,11 @@ class Engine:
 
     Notes
     -----
-    With ``batch_dim`` set, the engine records, while grad is enabled, the inputs of the layers
-    that own the parameters, until the next :meth:`compute_gramian`: run forward passes that are
-    not followed by :meth:`compute_gramian` under ``torch.no_grad()``. The losses must not mix
-    samples (no BatchNorm in training mode, no batch-centred outputs).
+    With ``batch_dim`` set, forward hooks on the layers that own the parameters record each
+    call's input, while grad is enabled, in the graph of the call's output: the record goes away
+    with that graph, so forward passes not followed by :meth:`compute_gramian` leave nothing
+    behind. The losses must not mix samples (no BatchNorm in training mode, no batch-centred
+    outputs): the per-sample engine checks this on the first call, then every 100 calls.
 
     Examples
     --------
@@ -121,13 +122,9 @@ class Engine:
         reached = {id(leaf) for leaf in reachable_leaves([output])}
         params = [p for p in params if id(p) in reached]
         if not params:
-            if self._per_sample is not None:
-                self._per_sample.clear()
             return output.new_zeros((m, m)).detach()
         if self._per_sample is not None and output.ndim == 1:
             return self._per_sample.gramian(output, params)
-        if self._per_sample is not None:
-            self._per_sample.clear()
         vector = output.reshape(-1)
         jacobians = JacobianEngine().jacobians(vector, params, retain_graph=True)
         return jacobian_gramian([j for j in jacobians if j is not None]).detach()

@@ -41,26 +41,57 @@ def reachable_leaves(roots: Sequence[Tensor], stop_at: Iterable[Tensor] = ()) ->
     return list(leaves.values())
 
 
-def leaf_uses(roots: Sequence[Tensor]) -> tuple[dict[int, int], set[Any]]:
-    """Count the graph edges into each leaf that ``roots`` depend on; return them and the nodes.
+# Nodes that only cast, transpose or reshape their single input: a parameter reached through one
+# of them (autocast's cached cast of a weight, ``weight.t()``) is used once per use of that node.
+_PASS_THROUGH = frozenset(
+    {"ToCopyBackward0", "TBackward0", "ViewBackward0", "ReshapeAliasBackward0", "ExpandBackward0"}
+)
 
-    The first result maps ``id(leaf)`` to the number of times the graph of ``roots`` uses the
-    leaf (``1`` for a weight used by one layer call; ``2`` when it is tied or also used by a
-    functional call). The second is the set of graph nodes reachable from ``roots``.
+
+class GraphWalk:
+    """What one walk of the autograd graph of ``roots`` found.
+
+    Attributes
+    ----------
+    records:
+        ``(node, record)`` for each record stored under ``key`` in the metadata of a graph node
+        (see :class:`jdoptim.engine._recording.Recorder`), in discovery order.
+    uses:
+        ``id(leaf) -> n``: the number of operations of the graph that use the leaf, counting
+        through casts, transpositions and reshapes of it (a weight used by two layer calls has
+        ``2`` even when autocast casts it once for both).
     """
-    uses: dict[int, int] = {}
-    seen: set[Any] = set()
-    stack = [root.grad_fn for root in roots if root.grad_fn is not None]
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        for child, _ in node.next_functions:
-            if child is None:
+
+    __slots__ = ("records", "uses")
+
+    def __init__(self, roots: Sequence[Tensor], key: object) -> None:
+        self.records: list[tuple[Any, Any]] = []
+        parents: dict[Any, list[Any]] = {}
+        leaves: dict[Any, int] = {}
+        seen: set[Any] = set()
+        stack = [root.grad_fn for root in roots if root.grad_fn is not None]
+        while stack:
+            node = stack.pop()
+            if node in seen:
                 continue
-            variable = getattr(child, "variable", None)
-            if variable is not None:
-                uses[id(variable)] = uses.get(id(variable), 0) + 1
-            stack.append(child)
-    return uses, seen
+            seen.add(node)
+            found = node.metadata.get(key)
+            if found:
+                self.records += [(node, record) for record in found]
+            for child, _ in node.next_functions:
+                if child is None:
+                    continue
+                parents.setdefault(child, []).append(node)
+                variable = getattr(child, "variable", None)
+                if variable is not None:
+                    leaves[child] = id(variable)
+                stack.append(child)
+
+        def uses(node: Any) -> int:
+            if node.name() not in _PASS_THROUGH or len(node.next_functions) != 1:
+                return 1
+            return sum(uses(parent) for parent in parents.get(node, ()))
+
+        self.uses = {
+            leaf: sum(uses(parent) for parent in parents[node]) for node, leaf in leaves.items()
+        }

@@ -16,47 +16,59 @@ every recorded layer come from one batched backward pass (data gradients only, n
 gradient); parameters without this closed form are differentiated in the same pass. The update
 is written per layer from the weights: no second backward.
 
-A forward hook records the input and output of each ``nn.Linear`` call that owns an aggregated
-parameter. The closed form is used only when it is exact: one recorded call in the loss graph, and
-its weight (and bias) used nowhere else in that graph (checked on the autograd graph, so weight
-tying or a functional use falls back to the exact batched VJPs), and neither its input nor its
-output modified in place since (``nn.ReLU(inplace=True)`` after the layer also falls back).
+Forward hooks on the ``nn.Linear`` modules owning aggregated parameters
+(:mod:`jdoptim.engine._recording`) record each call's input in the graph of its output. The
+closed form is used only when it is exact: one recorded call in the loss graph, its weight (and
+bias) used nowhere else in that graph (checked on the autograd graph, so weight tying or a
+functional use falls back to the exact batched VJPs), and its input not modified in place since.
+The blocks are formed from rows scaled by powers of two and summed in float64
+(:mod:`jdoptim.engine._scaled`); under autocast the fp16/bf16 pieces are lifted to the weight's
+dtype (float32 at least), and each update is written in its parameter's dtype.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge
 
-from jdoptim.engine._graph import leaf_uses
-from jdoptim.engine._per_sample import NonFiniteGramianError
-from jdoptim.engine._recording import RecordingEngine
-from jdoptim.engine._reduce import gramian as jacobian_gramian
+from jdoptim.engine._assembly import NonFiniteGramianError
+from jdoptim.engine._graph import GraphWalk
+from jdoptim.engine._jacobian import JacobianEngine
+from jdoptim.engine._recording import Record, Recorder
 from jdoptim.engine._reduce import total
+from jdoptim.engine._scaled import (
+    ScaledRows,
+    add,
+    coefficients,
+    compute_dtype,
+    exponents,
+    rescale,
+    scale_rows,
+    unscale_gramian,
+)
 
 
 class _LinearCall:
-    """One recorded ``nn.Linear`` call and, once known, the gradients of its output."""
+    """One recorded ``nn.Linear`` call and its ``m`` output gradients, scaled by powers of two:
+    the input by one ``2^{-e_a}``, the gradients of loss ``t`` by ``2^{-e_t}``."""
 
-    __slots__ = ("grads", "input", "module", "output", "versions")
+    __slots__ = ("exps_a", "exps_g", "grads", "input", "module")
 
-    def __init__(self, module: nn.Linear, input: Tensor, output: Tensor) -> None:
-        self.module, self.input, self.output = module, input, output
-        self.versions = (input._version, output._version)
-        self.grads: Tensor | None = None
-
-    def intact(self) -> bool:
-        """Whether neither the input nor the output was modified in place since the call."""
-        return self.versions == (self.input._version, self.output._version)
+    def __init__(self, record: Record, grads: Tensor) -> None:
+        self.module = record.module
+        dtype = compute_dtype(self.module.weight.dtype)
+        a = record.input.reshape(1, -1, record.input.shape[-1]).to(dtype)  # [1, N, d]
+        g = grads.reshape(grads.shape[0], -1, grads.shape[-1]).to(dtype)  # [m, N, o]
+        self.exps_a, self.exps_g = exponents([a]), exponents([g])
+        self.input = scale_rows(a, self.exps_a)[0]
+        self.grads = scale_rows(g, self.exps_g)
 
     def gramian(self) -> Tensor:
-        """``[m, m]`` Gramian block of the weight (and bias) rows of this call."""
-        a, g = self._lifted()
-        a = a.reshape(-1, a.shape[-1])  # [N, d]
-        g = g.reshape(g.shape[0], -1, g.shape[-1])  # [m, N, o]
+        """``[m, m]`` float64 Gramian block of the weight (and bias) rows of this call."""
+        a, g = self.input, self.grads
         m, n, o = g.shape
         d = a.shape[1]
         if n * n * (d + m * o) < m * n * d * o:  # kernel form is cheaper
@@ -64,30 +76,30 @@ class _LinearCall:
         else:
             rows = torch.matmul(g.transpose(1, 2), a).reshape(m, -1)
             block = rows @ rows.T
+        block = unscale_gramian(block, add(self.exps_g, self.exps_a))
         if self.module.bias is not None:
-            summed = g.sum(dim=1)
-            block = block + summed @ summed.T
+            block = block + ScaledRows(g.sum(dim=1), prescaled=True, exps=self.exps_g).gramian()
         return block
-
-    def _lifted(self) -> tuple[Tensor, Tensor]:
-        """The input and output gradients in the weight's dtype (autocast records fp16/bf16)."""
-        dtype = self.module.weight.dtype
-        return self.input.to(dtype), self.grads.to(dtype)
 
     def updates(self, weights: Tensor) -> dict[int, Tensor]:
         """The weighted updates ``Σ_t w_t J_t`` of the weight and the bias, by ``id``."""
-        a, g = self._lifted()
-        combined = torch.tensordot(weights.to(g.dtype), g, dims=1)  # [..., o]
-        combined = combined.reshape(-1, combined.shape[-1])
-        a = a.reshape(-1, a.shape[-1])
         module = self.module
-        result = {id(module.weight): (combined.T @ a).to(module.weight.dtype)}
+        coef, shift = coefficients(weights, add(self.exps_g, self.exps_a), self.grads.dtype)
+        combined = torch.tensordot(coef, self.grads, dims=1)  # [N, o]
+        weight = rescale(combined.T @ self.input, shift)
+        result = {id(module.weight): weight.to(module.weight.dtype)}
         if module.bias is not None:
-            result[id(module.bias)] = combined.sum(dim=0).to(module.bias.dtype)
+            coef, shift = coefficients(weights, self.exps_g, self.grads.dtype)
+            bias = rescale(torch.tensordot(coef, self.grads, dims=1).sum(dim=0), shift)
+            result[id(module.bias)] = bias.to(module.bias.dtype)
         return result
 
 
-class LayerGramianEngine(RecordingEngine):
+def _plain_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+
+
+class LayerGramianEngine:
     """Record ``nn.Linear`` calls owning aggregated parameters; Gramian steps for any losses.
 
     Parameters
@@ -100,29 +112,31 @@ class LayerGramianEngine(RecordingEngine):
 
     Notes
     -----
-    Like the per-sample engine, a forward pass with grad enabled keeps a reference to the input and
-    output of each recorded layer (tensors that autograd saves anyway) until the next :meth:`clear`
-    (``zero_grad``, or the end of a step); a forward pass under ``torch.no_grad()`` records
-    nothing. The hook costs a dictionary lookup per module call.
+    Like the per-sample engine, a forward pass with grad enabled leaves a small record (the
+    layer's detached input, which autograd saves anyway) in the graph of each recorded layer's
+    output; it goes away with that graph. A forward pass under ``torch.no_grad()`` or inside
+    ``torch.compile`` records nothing.
     """
 
     def __init__(
         self, params: Callable[[], list[Tensor]], parallel_chunk_size: int | None = None
     ) -> None:
-        self._calls: list[_LinearCall] = []
-        super().__init__(params, parallel_chunk_size)
+        self._fallback = JacobianEngine(parallel_chunk_size)
+        self._recorder = Recorder(params, _plain_linear)
 
-    def clear(self) -> None:
-        """Forget the recorded calls; the parameter list is re-read at the next record."""
-        self._calls.clear()
-        super().clear()
+    def refresh(self) -> None:
+        """Hook the modules of the current parameters (after ``add_param_group``)."""
+        self._recorder.refresh()
 
-    def _claims(self, module: nn.Module, param_ids: frozenset[int]) -> bool:
-        return type(module) is nn.Linear and id(module.weight) in param_ids
+    def remove_hooks(self) -> None:
+        """Remove the forward hooks; every parameter is then differentiated by batched VJPs."""
+        self._recorder.remove()
 
-    def _record_call(self, module: nn.Module, input: Any, output: Tensor) -> None:
-        if output.grad_fn is not None and self._owns(module):
-            self._calls.append(_LinearCall(module, input.detach(), output))  # type: ignore[arg-type]
+    def __getstate__(self) -> dict[str, object]:
+        return {"params": self._recorder._params, "chunk": self._fallback.parallel_chunk_size}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__init__(state["params"], state["chunk"])  # type: ignore[misc]
 
     def gramian_step(
         self,
@@ -135,58 +149,65 @@ class LayerGramianEngine(RecordingEngine):
     ) -> tuple[list[Tensor | None], Tensor]:
         """Return the updates of ``params`` and the Gramian, from one batched backward pass.
 
-        Same contract as :meth:`jdoptim.engine.PerSampleEngine.gramian_step`: the Gramian covers
-        the parameters whose ``id`` is not in ``summed_only``, their update is ``Σ_i w_i
-        ∂losses_i/∂p`` with ``w = weights_from_gramian(G)``; the others get the gradient of
-        ``losses.sum()``; ``None`` marks a parameter that no loss reaches; gradients are divided by
-        ``unscale`` first.
+        Same contract as :meth:`jdoptim.engine.PerSampleEngine.gramian_step`: the Gramian
+        (float64) covers the parameters whose ``id`` is not in ``summed_only``, their update is
+        ``Σ_i w_i ∂losses_i/∂p`` with ``w = weights_from_gramian(G)``; the others get the
+        gradient of ``losses.sum()``; ``None`` marks a parameter that no loss reaches; gradients
+        are divided by ``unscale`` first.
         """
-        try:
-            calls = self._exact_calls(losses, params, summed_only)
-            covered = {id(p) for c in calls for p in c.module.parameters(recurse=False)}
-            others = [p for p in params if id(p) not in covered]
-            grads = self._fallback.jacobians(losses, [c.output for c in calls] + others)
-        finally:
-            self.clear()
-        for call, g in zip(calls, grads, strict=False):
-            call.grads = g if unscale == 1.0 else g / unscale
+        records = self._exact_calls(losses, params, summed_only)
+        covered = {id(p) for _, r in records for p in r.module.parameters(recurse=False)}
+        others = [p for p in params if id(p) not in covered]
+        edges = [GradientEdge(node, r.output_nr) for node, r in records]
+        grads = self._fallback.vjps(
+            [losses],
+            [torch.eye(losses.shape[0], dtype=losses.dtype, device=losses.device)],
+            edges + others,
+        )
+        calls = [
+            _LinearCall(r, g if unscale == 1.0 else g / unscale)
+            for (_, r), g in zip(records, grads, strict=False)
+            if g is not None
+        ]
         rows = {
             id(p): (j if unscale == 1.0 else j / unscale)
-            for p, j in zip(others, grads[len(calls) :], strict=True)
+            for p, j in zip(others, grads[len(records) :], strict=True)
             if j is not None
         }
         if not calls and not rows:
             raise ValueError("the losses do not depend on any parameter of the wrapped optimizer")
-        aggregated = [j for i, j in rows.items() if i not in summed_only]
-        blocks = [c.gramian() for c in calls]
-        if aggregated:
-            blocks.append(jacobian_gramian(aggregated))
-        if not blocks:  # only parameters in summed_only are reached
-            raise ValueError("the losses do not depend on any of the shared_params")
-        gram = total(blocks)
-        if not bool(torch.isfinite(gram).all()):
-            raise NonFiniteGramianError("the gradients hold NaN or inf")
-        weights = weights_from_gramian(gram)
-        updates: dict[int, Tensor] = {}
-        for call in calls:
-            updates.update(call.updates(weights))
-        for i, j in rows.items():
-            updates[i] = j.sum(dim=0) if i in summed_only else torch.tensordot(weights, j, dims=1)
-        return [updates.get(id(p)) for p in params], gram
+        with torch.no_grad():
+            scaled = {i: ScaledRows(j) for i, j in rows.items() if i not in summed_only}
+            blocks = [c.gramian() for c in calls] + [r.gramian() for r in scaled.values()]
+            if not blocks:  # only parameters in summed_only are reached
+                raise ValueError("the losses do not depend on any of the shared_params")
+            gram = total(blocks)
+            if not bool(torch.isfinite(gram).all()):
+                raise NonFiniteGramianError("the gradients hold NaN or inf")
+            weights = weights_from_gramian(gram).to(torch.float64)
+            updates: dict[int, Tensor] = {}
+            for call in calls:
+                updates.update(call.updates(weights))
+            for i, j in rows.items():
+                updates[i] = j.sum(dim=0) if i in summed_only else scaled[i].combine(weights)
+        return [
+            None if updates.get(id(p)) is None else updates[id(p)].view_as(p).to(p.dtype)
+            for p in params
+        ], gram
 
     def _exact_calls(
         self, losses: Tensor, params: Sequence[Tensor], summed_only: frozenset[int]
-    ) -> list[_LinearCall]:
+    ) -> list[tuple[object, Record]]:
         """The recorded calls whose closed form is the whole Jacobian of their parameters."""
-        uses, nodes = leaf_uses([losses])
+        walk = GraphWalk([losses], self._recorder.key)
         wanted = {id(p) for p in params} - summed_only
-        per_module: dict[nn.Module, list[_LinearCall]] = {}
-        for call in self._calls:
-            if call.output.grad_fn in nodes and call.intact():
-                per_module.setdefault(call.module, []).append(call)
+        per_module: dict[nn.Module, list[tuple[object, Record]]] = {}
+        for node, record in walk.records:
+            if record.intact():
+                per_module.setdefault(record.module, []).append((node, record))
         exact = []
         for module, calls in per_module.items():
             own = list(module.parameters(recurse=False))
-            if len(calls) == 1 and all(id(p) in wanted and uses.get(id(p)) == 1 for p in own):
+            if len(calls) == 1 and all(id(p) in wanted and walk.uses.get(id(p)) == 1 for p in own):
                 exact.append(calls[0])
         return exact

@@ -12,8 +12,8 @@ is a function of that sample's layer input and output gradient alone. For a line
     \qquad \sum_i w_i ∇_W L_i = \sum_i w_i Gₒ_iᵀ A_i.
 
 Each rule turns the recorded inputs and output gradients of one module into, for each of its
-parameters, a :class:`PerSample` object with the Gramian block, the batch-summed gradient (to
-check the closed form against autograd) and the weighted update.
+parameters, a :class:`PerSample` object with the Gramian block (float64, formed from rows scaled
+by powers of two: see :mod:`jdoptim.engine._scaled`) and the weighted update.
 """
 
 from __future__ import annotations
@@ -25,59 +25,46 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from jdoptim.engine import _attention as attention
+from jdoptim.engine._scaled import (
+    ScaledRows,
+    add,
+    coefficients,
+    exponents,
+    rescale,
+    scale_rows,
+    unscale_gramian,
+)
+
 
 @dataclass
 class PerSample:
-    """What the engine needs of one parameter: Gramian block, weighted update, and a check.
+    """What the engine needs of one parameter: its float64 Gramian block and weighted update.
 
-    ``mismatch(s)`` estimates ``‖Σ_i ∇L_i − s‖`` (closed-form batch sum against autograd's ``s``)
-    and returns it with the rounding error that the estimate itself may carry.
+    ``update(w)`` is ``Σ_i w_i ∇L_i`` for float64 weights ``w``, in the rule's compute dtype.
     """
 
     gramian: Callable[[], Tensor]
     update: Callable[[Tensor], Tensor]
-    mismatch: Callable[[Tensor], tuple[float, float]]
-
-
-def _exact_mismatch(summed: Callable[[], Tensor]) -> Callable[[Tensor], tuple[float, float]]:
-    """The mismatch of a parameter whose batch sum is cheap to form."""
-    return lambda s: (float(torch.linalg.vector_norm(summed() - s)), 0.0)
-
-
-_PROBES = 2
-
-
-def _probe_mismatch(flat_g: Tensor, flat_a: Tensor) -> Callable[[Tensor], tuple[float, float]]:
-    """The mismatch of ``S = flat_gᵀ flat_a`` (``[o, d]``) by random rank-one probes.
-
-    For Gaussian ``u``, ``v``: ``uᵀ(S − s)v`` has standard deviation ``‖S − s‖_F``, and
-    ``uᵀ S v = (flat_g u)·(flat_a v)`` costs ``O(BT(o + d))`` instead of the ``O(BT·o·d)`` of
-    forming ``S``. The probes come from a fixed seed, so runs are reproducible.
-    """
-
-    def mismatch(s: Tensor) -> tuple[float, float]:
-        o, d = flat_g.shape[1], flat_a.shape[1]
-        generator = torch.Generator().manual_seed(0)
-        u = torch.randn(_PROBES, o, generator=generator).to(flat_g)
-        v = torch.randn(_PROBES, d, generator=generator).to(flat_a)
-        gu, av = flat_g @ u.T, flat_a @ v.T  # [BT, probes]
-        sv = s.reshape(o, d) @ v.T  # [o, probes]
-        closed, auto = (gu * av).sum(0), (u.T * sv).sum(0)
-        eps = torch.finfo(s.dtype).eps
-        scale = (gu.abs() * av.abs()).sum(0) + (u.T.abs() * sv.abs()).sum(0)
-        rounding = 4 * eps * (flat_g.shape[0] + o + d) * float(scale.max())
-        return float((closed - auto).abs().max()), rounding
-
-    return mismatch
 
 
 class UnsupportedLayerError(RuntimeError):
     """Raised for layers whose per-sample gradients are not defined (they mix samples)."""
 
 
+def _rows(
+    per_sample: Tensor, shape: torch.Size, prescaled: bool = False, exps: Tensor | None = None
+) -> PerSample:
+    """A parameter whose per-sample gradients ``[B, *shape]`` are small enough to hold (already
+    scaled by ``2^{-exps}`` when ``exps`` is given)."""
+    rows = ScaledRows(per_sample, prescaled=prescaled, exps=exps)
+    return PerSample(gramian=rows.gramian, update=lambda w: rows.combine(w).view(shape))
+
+
 def _linear_map(inputs: Tensor, grads: Tensor, shape: torch.Size) -> PerSample:
     """Per-sample closed form of ``y_t = W a_t`` over positions ``t``: ``inputs [B, T, d]``,
-    ``grads [B, T, o]``; the parameter has ``shape`` with ``o·d`` elements.
+    ``grads [B, T, o]`` (both scaled per sample by powers of two, see
+    :mod:`jdoptim.engine._scaled`); the parameter has ``shape`` with ``o·d`` elements.
 
     Two exact ways to the Gramian; the one with fewer operations is used. The kernel form
     ``Σ_{t,s} (A_i A_jᵀ)_{ts} (Gₒ_i Gₒ_jᵀ)_{ts}`` costs ``(BT)²(d + o)`` and never forms a
@@ -86,44 +73,24 @@ def _linear_map(inputs: Tensor, grads: Tensor, shape: torch.Size) -> PerSample:
     """
     b, t, d = inputs.shape
     o = grads.shape[2]
-    flat_a, flat_g = inputs.reshape(b * t, d), grads.reshape(b * t, o)
+    exps_a, exps_g = exponents([inputs]), exponents([grads])
+    scaled_a, scaled_g = scale_rows(inputs, exps_a), scale_rows(grads, exps_g)
+    exps = add(exps_a, exps_g)
     if (b * t) ** 2 * (d + o) > b * t * o * d + b * b * o * d:
-        per_sample = torch.einsum("bto,btd->bod", grads, inputs).reshape(b, -1)
-        return PerSample(
-            gramian=lambda: per_sample @ per_sample.T,
-            update=lambda w: (w @ per_sample).view(shape),
-            mismatch=_exact_mismatch(lambda: per_sample.sum(0).view(shape)),
-        )
+        return _rows(torch.einsum("bto,btd->bod", scaled_g, scaled_a), shape, True, exps)
+    flat_a, flat_g = scaled_a.reshape(b * t, d), scaled_g.reshape(b * t, o)
 
     def gramian() -> Tensor:
         kernel = (flat_a @ flat_a.T) * (flat_g @ flat_g.T)
-        return kernel if t == 1 else kernel.view(b, t, b, t).sum(dim=(1, 3))
+        kernel = kernel if t == 1 else kernel.view(b, t, b, t).sum(dim=(1, 3))
+        return unscale_gramian(kernel, exps)
 
     def weighted(w: Tensor) -> Tensor:
-        scaled = (grads * w[:, None, None]).reshape(b * t, o)
-        return (scaled.T @ flat_a).view(shape)
+        coef, shift = coefficients(w, exps, flat_a.dtype)
+        scaled = (scaled_g * coef[:, None, None]).reshape(b * t, o)
+        return rescale(scaled.T @ flat_a, shift).view(shape)
 
-    return PerSample(gramian=gramian, update=weighted, mismatch=_probe_mismatch(flat_g, flat_a))
-
-
-def _bias(grads: Tensor, shape: torch.Size) -> PerSample:
-    """Per-sample closed form of a bias added at every position: ``grads [B, T, o]``."""
-    per_sample = grads.sum(dim=1)
-    return PerSample(
-        gramian=lambda: per_sample @ per_sample.T,
-        update=lambda w: (w @ per_sample).view(shape),
-        mismatch=_exact_mismatch(lambda: per_sample.sum(0).view(shape)),
-    )
-
-
-def _elementwise(per_sample: Tensor, shape: torch.Size) -> PerSample:
-    """A parameter whose per-sample gradients ``[B, *shape]`` are small enough to hold."""
-    flat = per_sample.reshape(per_sample.shape[0], -1)
-    return PerSample(
-        gramian=lambda: flat @ flat.T,
-        update=lambda w: (w @ flat).view(shape),
-        mismatch=_exact_mismatch(lambda: flat.sum(0).view(shape)),
-    )
+    return PerSample(gramian=gramian, update=weighted)
 
 
 def _sequence(x: Tensor) -> Tensor:
@@ -140,7 +107,7 @@ def _linear(module: nn.Linear, calls: Calls) -> dict[str, PerSample]:
     g = torch.cat([_sequence(y) for _, y in calls], dim=1)
     rules = {"weight": _linear_map(a, g, module.weight.shape)}
     if module.bias is not None:
-        rules["bias"] = _bias(g, module.bias.shape)
+        rules["bias"] = _rows(g.sum(dim=1), module.bias.shape)
     return rules
 
 
@@ -168,7 +135,7 @@ def _conv(module: nn.Conv1d | nn.Conv2d, calls: Calls) -> dict[str, PerSample]:
     g = torch.cat([u[1] for u in unfolded], dim=1)
     rules = {"weight": _linear_map(a, g, module.weight.shape)}
     if module.bias is not None:
-        rules["bias"] = _bias(g, module.bias.shape)
+        rules["bias"] = _rows(g.sum(dim=1), module.bias.shape)
     return rules
 
 
@@ -178,35 +145,31 @@ def _embedding(module: nn.Embedding, calls: Calls) -> dict[str, PerSample]:
     g = torch.cat([y.reshape(b, -1, y.shape[-1]) for _, y in calls], dim=1)
     if module.padding_idx is not None:
         g = g * (idx != module.padding_idx).unsqueeze(-1).to(g.dtype)
+    exps = exponents([g])
+    g = scale_rows(g, exps)
     shape, t = module.weight.shape, idx.shape[1]
 
     def gramian() -> Tensor:
         flat_i, flat_g = idx.reshape(-1), g.reshape(-1, g.shape[-1])
         kernel = (flat_i[:, None] == flat_i[None, :]).to(g.dtype) * (flat_g @ flat_g.T)
-        return kernel.view(b, t, b, t).sum(dim=(1, 3))
+        return unscale_gramian(kernel.view(b, t, b, t).sum(dim=(1, 3)), exps)
 
     def weighted(w: Tensor) -> Tensor:
+        coef, shift = coefficients(w, exps, g.dtype)
         out = torch.zeros(shape, dtype=g.dtype, device=g.device)
-        return out.index_add_(0, idx.reshape(-1), (w[:, None, None] * g).reshape(-1, shape[1]))
+        out.index_add_(0, idx.reshape(-1), (coef[:, None, None] * g).reshape(-1, shape[1]))
+        return rescale(out, shift)
 
-    return {
-        "weight": PerSample(
-            gramian=gramian,
-            update=weighted,
-            mismatch=_exact_mismatch(
-                lambda: weighted(torch.ones(b, dtype=g.dtype, device=g.device))
-            ),
-        )
-    }
+    return {"weight": PerSample(gramian=gramian, update=weighted)}
 
 
 def _affine(module: nn.Module, per_call: list[tuple[Tensor, Tensor]]) -> dict[str, PerSample]:
     """Elementwise affine parameters from per-call ``(Σ g∘x̂, Σ g)`` per-sample gradients."""
     rules = {}
     if module.weight is not None:
-        rules["weight"] = _elementwise(sum(w for w, _ in per_call), module.weight.shape)
+        rules["weight"] = _rows(sum(w for w, _ in per_call), module.weight.shape)
     if module.bias is not None:
-        rules["bias"] = _elementwise(sum(b for _, b in per_call), module.bias.shape)
+        rules["bias"] = _rows(sum(b for _, b in per_call), module.bias.shape)
     return rules
 
 
@@ -230,6 +193,30 @@ def _group_norm(module: nn.GroupNorm, calls: Calls) -> dict[str, PerSample]:
     return _affine(module, per_call)
 
 
+def _self_attention(module: nn.MultiheadAttention, calls: Calls) -> dict[str, PerSample]:
+    """Both projections of self-attention (see :mod:`jdoptim.engine._attention`)."""
+    replayed = [attention.projections(module, x, g) for x, g in calls]
+    x = torch.cat([x for x, _ in calls], dim=1)
+    g = torch.cat([g for _, g in calls], dim=1)
+    o = torch.cat([r[0] for r in replayed], dim=1)
+    g_qkv = torch.cat([r[1] for r in replayed], dim=1)
+    rules = {
+        "in_proj_weight": _linear_map(x, g_qkv, module.in_proj_weight.shape),
+        "out_proj.weight": _linear_map(o, g, module.out_proj.weight.shape),
+    }
+    if module.in_proj_bias is not None:
+        rules["in_proj_bias"] = _rows(g_qkv.sum(dim=1), module.in_proj_bias.shape)
+    if module.out_proj.bias is not None:
+        rules["out_proj.bias"] = _rows(g.sum(dim=1), module.out_proj.bias.shape)
+    return rules
+
+
+def covered(module: nn.Module) -> list[tuple[str, Tensor]]:
+    """The parameters whose per-sample gradients a module's rule gives, by name (attention's
+    include its ``out_proj``'s, which it calls functionally)."""
+    return list(module.named_parameters(recurse=attention.supports(module)))
+
+
 def mixes_samples(module: nn.Module) -> bool:
     """Whether ``module`` normalises with statistics of the whole batch (BatchNorm in training
     mode, or without running statistics), so that no per-sample loss depends on one sample."""
@@ -250,21 +237,32 @@ def mixing_error(module: nn.Module) -> UnsupportedLayerError:
 Rule = Callable[[nn.Module, Calls], dict[str, PerSample]]
 
 
+def _plain(module: nn.Module, base: type[nn.Module]) -> bool:
+    """Whether ``module`` is a ``base`` whose ``forward`` is ``base``'s own."""
+    return isinstance(module, base) and type(module).forward is base.forward
+
+
 def rule_for(module: nn.Module) -> Rule | None:
-    """Return the closed-form rule of ``module``, or ``None`` (exact fallback by batched VJPs)."""
-    if isinstance(module, nn.Linear):
+    """Return the closed-form rule of ``module``, or ``None`` (exact fallback by batched VJPs).
+
+    Subclasses that override ``forward`` get no rule: their calls may use the parameters
+    differently.
+    """
+    if _plain(module, nn.Linear):
         return _linear
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+    if _plain(module, nn.Conv1d) or _plain(module, nn.Conv2d):
         supported = (
             module.groups == 1
             and module.padding_mode == "zeros"
             and not isinstance(module.padding, str)
         )
         return _conv if supported else None
-    if isinstance(module, nn.Embedding):
+    if _plain(module, nn.Embedding):
         return None if module.max_norm is not None else _embedding
-    if isinstance(module, nn.LayerNorm):
+    if _plain(module, nn.LayerNorm):
         return _layer_norm
-    if isinstance(module, nn.GroupNorm):
+    if _plain(module, nn.GroupNorm):
         return _group_norm
+    if attention.supports(module):
+        return _self_attention
     return None

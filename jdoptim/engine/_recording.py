@@ -1,7 +1,23 @@
-"""The forward hook shared by the Gramian engines: find the layers that own our parameters."""
+"""Owned forward hooks: record the calls of the modules that own the optimizer's parameters.
+
+A :class:`Recorder` registers one forward hook on each module that directly owns one of the
+parameters (and that the engine can use), never a process-wide hook. Each call of such a module,
+run with grad enabled, leaves a small record (the module and its detached input) in the metadata
+of the autograd node that produced its output. The record therefore lives exactly as long as the
+graph: a forward that is never backpropagated leaves nothing behind once its outputs are dropped,
+and ``zero_grad`` between the forward and the backward loses nothing. At the step, a walk of the
+loss graph (:class:`jdoptim.engine._graph.GraphWalk`) finds the records, and the output gradients
+are asked of autograd through the nodes' gradient edges.
+
+The hooks hold the recorder weakly: dropping the engine (with its optimizer) removes them, and so
+does :meth:`Recorder.remove`. Under ``torch.compile`` the hooks return at once (no graph break,
+no side effect in the traced graph); the engine then differentiates every parameter exactly by
+batched VJPs.
+"""
 
 from __future__ import annotations
 
+import gc
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -10,89 +26,143 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from jdoptim.engine._jacobian import JacobianEngine
+
+class Record:
+    """One module call: the module, its detached first input (and the input's version at the
+    call), where its output sits among the outputs of its graph node, and whether the engine's
+    rule can replay the call from that input (``usable``)."""
+
+    __slots__ = ("input", "module", "output_nr", "shape", "usable", "version")
+
+    def __init__(self, module: nn.Module, input: Any, output: Tensor, usable: bool) -> None:
+        self.module, self.usable = module, usable
+        self.input = input.detach() if isinstance(input, Tensor) else input
+        self.version = input._version if isinstance(input, Tensor) else 0
+        self.output_nr, self.shape = output.output_nr, output.shape
+
+    def intact(self) -> bool:
+        """Whether the input was not modified in place since the call."""
+        return not isinstance(self.input, Tensor) or self.input._version == self.version
 
 
-class RecordingEngine:
-    """Base of the engines that record module calls through a global module forward hook.
+def owning_modules(params: list[Tensor]) -> list[nn.Module]:
+    """The modules that hold one of ``params`` directly (in their ``_parameters``).
 
-    Subclasses say which modules they record (:meth:`_claims`, cached per module for the current
-    parameter list) and what they keep of a call (:meth:`_record_call`). The hook does nothing when
-    grad is disabled or the output does not require grad, and goes away with the engine.
+    Parameters do not know their modules: the garbage collector's referrer lists lead from a
+    parameter to the ``_parameters`` dict that holds it, then (through the module's ``__dict__``
+    or directly, depending on the Python version) to the module. A few scans of the heap, once.
+    """
+    if not params:
+        return []
+    ids = {id(p) for p in params}
+    found: dict[int, nn.Module] = {}
+    frontier = [r for r in gc.get_referrers(*params) if type(r) is dict]
+    for _ in range(2):
+        if not frontier:
+            break
+        referrers = gc.get_referrers(*frontier)
+        for r in referrers:
+            if isinstance(r, nn.Module) and any(id(p) in ids for p in r._parameters.values()):
+                found.setdefault(id(r), r)
+        frontier = [r for r in referrers if type(r) is dict]
+    return list(found.values())
+
+
+def _remove(handles: list[RemovableHandle]) -> None:
+    for handle in handles:
+        handle.remove()
+    handles.clear()
+
+
+class Recorder:
+    """Forward hooks on the modules that own ``params()`` and that ``accepts`` says to record.
 
     Parameters
     ----------
     params:
-        A callable returning the parameters whose layers are recorded (it may grow with
-        ``add_param_group``; it is re-read after each :meth:`clear`).
-    parallel_chunk_size:
-        Chunk size of the batched VJPs of the parameters without a closed form.
+        A callable returning the parameters whose modules are recorded; re-read by
+        :meth:`refresh` (after ``add_param_group``).
+    accepts:
+        Whether a module owning some of the parameters is recorded.
+    usable:
+        Whether a call ``(module, args, kwargs)`` can be replayed from its first input (judged
+        at the call, where the arguments' identities are known).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from jdoptim.engine._graph import GraphWalk
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    >>> recorder = Recorder(lambda: list(model.parameters()), lambda m: True)
+    >>> out = model(torch.randn(5, 3))
+    >>> [type(r.module).__name__ for _, r in GraphWalk([out], recorder.key).records]
+    ['Linear', 'Linear']
+    >>> recorder.remove()
+    >>> len(model[0]._forward_hooks)
+    0
     """
 
     def __init__(
-        self, params: Callable[[], list[Tensor]], parallel_chunk_size: int | None = None
+        self,
+        params: Callable[[], list[Tensor]],
+        accepts: Callable[[nn.Module], bool],
+        usable: Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], bool] = (
+            lambda module, args, kwargs: True
+        ),
     ) -> None:
-        self._params = params
-        self._fallback = JacobianEngine(parallel_chunk_size)
-        self._owners: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
-        self._param_ids: frozenset[int] | None = None  # None: re-read at the next record
-        self._owned_ids: frozenset[int] = frozenset()  # the ids that _owners was built for
-        self._handle: RemovableHandle | None = None
-        self.clear()
-        self.attach()
+        self._params, self._accepts, self._usable = params, accepts, usable
+        self.key = object()  # this recorder's entry in the graph nodes' metadata
+        self._handles: list[RemovableHandle] = []
+        self._finalizer = weakref.finalize(self, _remove, self._handles)
+        self.refresh()
 
-    def attach(self) -> None:
-        """Install the global forward hook (done at construction)."""
-        if self._handle is None:
-            self_ref = weakref.ref(self)
+    @property
+    def modules(self) -> list[nn.Module]:
+        """The modules currently hooked."""
+        return [m for m in (ref() for ref in self._hooked) if m is not None]
 
-            def hook(module: nn.Module, args: Any, output: Any) -> None:
-                engine = self_ref()
-                if engine is not None:
-                    engine._record(module, args, output)
+    def refresh(self) -> None:
+        """Hook the modules owning the current parameters (and only those)."""
+        _remove(self._handles)
+        hook = _Hook(weakref.ref(self))
+        modules = [m for m in owning_modules(self._params()) if self._accepts(m)]
+        self._handles += [m.register_forward_hook(hook, with_kwargs=True) for m in modules]
+        self._hooked = [weakref.ref(m) for m in modules]
 
-            self._handle = nn.modules.module.register_module_forward_hook(hook)
-            weakref.finalize(self, self._handle.remove)
+    def remove(self) -> None:
+        """Remove every hook; the recorder records nothing more until :meth:`refresh`."""
+        _remove(self._handles)
+        self._hooked = []
 
-    def detach(self) -> None:
-        """Remove the forward hook and forget every record."""
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-        self.clear()
-
-    def clear(self) -> None:
-        """Forget the recorded calls; the parameter list is re-read at the next record."""
-        self._param_ids = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"params": self._params, "chunk": self._fallback.parallel_chunk_size}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["params"], state["chunk"])
-
-    def _owns(self, module: nn.Module) -> bool:
-        """Whether ``module`` is one this engine records, for the current parameters."""
-        if self._param_ids is None:
-            ids = frozenset(id(p) for p in self._params())
-            if ids != self._owned_ids:
-                self._owned_ids = ids
-                self._owners = weakref.WeakKeyDictionary()
-            self._param_ids = ids
-        owned = self._owners.get(module)
-        if owned is None:
-            owned = self._claims(module, self._param_ids)
-            self._owners[module] = owned
-        return owned
-
-    def _record(self, module: nn.Module, args: Any, output: Any) -> None:
-        if not torch.is_grad_enabled() or not args or not isinstance(output, Tensor):
+    def _record(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> None:
+        if isinstance(output, tuple) and output and isinstance(output[0], Tensor):
+            output = output[0]
+        if not args or not isinstance(output, Tensor) or output.grad_fn is None:
             return
-        if output.requires_grad:
-            self._record_call(module, args[0], output)
+        record = Record(module, args[0], output, self._usable(module, args, kwargs))
+        output.grad_fn.metadata.setdefault(self.key, []).append(record)
 
-    def _claims(self, module: nn.Module, param_ids: frozenset[int]) -> bool:
-        raise NotImplementedError
 
-    def _record_call(self, module: nn.Module, input: Any, output: Tensor) -> None:
-        raise NotImplementedError
+class _Hook:
+    """The forward hook: records through a weak reference to its recorder.
+
+    A copy (``copy.deepcopy`` or pickling of the model it is registered on) is inert: the copied
+    model is not this recorder's, and a recorder cannot be pickled.
+    """
+
+    __slots__ = ("recorder",)
+
+    def __init__(self, recorder: weakref.ref[Recorder] | None = None) -> None:
+        self.recorder = recorder
+
+    def __call__(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        if self.recorder is None or torch.compiler.is_compiling() or not torch.is_grad_enabled():
+            return
+        owner = self.recorder()
+        if owner is not None:
+            owner._record(module, args, kwargs, output)
+
+    def __reduce__(self) -> tuple[type[_Hook], tuple[()]]:
+        return (_Hook, ())
