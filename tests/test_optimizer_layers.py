@@ -17,6 +17,8 @@ LAYERS = {
     "jdoptim.optimizer": 1,
     "jdoptim.diagnostics": 2,
     "jdoptim.functional": 1,
+    "jdoptim.autojac": 1,
+    "jdoptim.autogram": 1,
     "jdoptim._path": 2,
     "jdoptim._scalarized": 2,
     "jdoptim._distributed": 3,
