@@ -78,10 +78,10 @@ def test_equal_cosines_and_no_conflict_for_independent_rows(case: str, dtype: to
     assert cosines.min() > 0
 
 
-def test_float32_cutoff_of_nearly_dependent_unit_rows():
-    """The documented pseudo-inverse cutoff: eigenvalues of ``Ĝ`` below ``sqrt(eps) λ_max``, i.e.
-    singular values of ``Ĵ`` below ``eps^(1/4) σ_max``. Here ``σ_min / σ_max ≈ 4.6e-3``: kept in
-    float64 (equal cosines), dropped in float32 (the truncated least-squares direction)."""
+def test_float32_matches_float64_on_nearly_dependent_unit_rows():
+    """``σ_min / σ_max ≈ 4.6e-3`` (below ``eps32^(1/4)``): the float32 matrix's Gramian is formed in
+    float64 (``jdoptim.linalg.gramian``), so the direction is kept (on main, the float32 Gramian's
+    cutoff dropped it: 7% away from the float64 answer)."""
     matrix = CASES["conflicting"]
     units = matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
     singular = np.linalg.svd(units, compute_uv=False)
@@ -91,8 +91,7 @@ def test_float32_cutoff_of_nearly_dependent_unit_rows():
     cosines = units @ update64
     np.testing.assert_allclose(cosines, cosines.mean(), rtol=1e-10)
     update32 = ConFIG()(torch.from_numpy(matrix).float()).double().numpy()
-    expected = paper_config(matrix, rcond=eps32**0.25)
-    np.testing.assert_allclose(update32, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+    np.testing.assert_allclose(update32, update64, rtol=0, atol=1e-4 * np.abs(update64).max())
 
 
 def test_length_is_the_sum_of_projections():
