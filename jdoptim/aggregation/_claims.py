@@ -487,13 +487,13 @@ CLAIMS: tuple[Claims, ...] = (
     ),
     Claims(
         "PCD",
-        "The direction closest to the primary gradient that makes progress on every other one.",
+        "The direction nearest the primary gradient that makes progress on every other one.",
         PCD,
         PCDWeighting,
         _p(
             "Not All Objectives Are Born Equal: Priority-Constrained Descent for Hierarchical "
             "Multi-Objective Optimization",
-            "Dara Varam, Mohammed AlHajri",
+            "Dara Varam, Mohamed I. AlHajri",
             2026,
             "arXiv",
             "https://arxiv.org/abs/2606.29521",
@@ -503,7 +503,10 @@ CLAIMS: tuple[Claims, ...] = (
             ("beta", "0.999", "EMA decay of the squared gradient norms"),
             ("eps", "1e-08", "relative floor of the normalisers"),
         ),
+        homogeneous=True,
         stateless=False,
+        conditions="for a fresh instance (the same state history); steps on g_1 when the "
+        "constraints are infeasible",
     ),
     Claims(
         "PCGrad",
