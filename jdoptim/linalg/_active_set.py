@@ -81,116 +81,24 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from jdoptim.linalg._blocks import _TAU, _correction
 from jdoptim.linalg._dual_cone import project_weights_quadprog
 from jdoptim.linalg._gramian import jacobi_scaled
+from jdoptim.linalg._newton import _projected_newton
 
 __all__ = ["project_weights"]
 
 _BACKUP_BUDGET = 3  # Kim & Park's "p̄": full exchanges allowed without progress.
-_REFINEMENTS = 1  # Iterative refinements of each free-set solve.
 _FISTA_STEPS = 12  # Steps of the starting guess.
 _CHECK_EVERY = 4  # Off CPU, read convergence back every this many iterations.
 _DELTA = 1e-10  # Proximal shift of the factorised blocks (the scaled Gramian has a unit diagonal).
-_TAU = 1e-12  # Certificate: KKT residuals within _TAU · ‖projection‖ (plus the rounding floor).
 _CONDITION = 1e-4  # Block pivoting while diag((G + δI)⁻¹) stays below this / δ.
 _NEWTON_ITER = 200  # Projected Newton steps (nearly singular G) before the fallback.
-_ARMIJO = 1e-4  # Sufficient decrease of the projected Newton steps...
-_STEPS = 2.0 ** -torch.arange(0, 30, 3, dtype=torch.float64)  # ... tried in one batch.
-_BINDING = 1e-3  # Bertsekas' ε: bound within this and pushed against it, held there.
-_CHUNK_ELEMENTS = 2**22  # Problems per batched solve: their [chunk, f, m] rows stay under this.
 
 
 def _reads_are_free(device: torch.device) -> bool:
     """Whether reading a value back to the host costs nothing (no device synchronisation)."""
     return device.type == "cpu"
-
-
-def _correction(
-    g: Tensor,
-    inverse: Tensor | None,
-    lam: Tensor,
-    fix: Tensor,
-    free: Tensor,
-    delta: Tensor,
-    compact: bool,
-) -> Tensor:
-    """Return ``Δ`` with ``Δ_Z = fix_Z`` and ``((G + δI) Δ)_F = -λ_F`` for each problem.
-
-    ``λ`` is the current point's residual in its inner problem, so ``y + Δ`` solves that problem
-    on the face ``F`` (a correction, so the rounding of earlier steps is corrected too). Each
-    problem has its own shift ``δ`` (``delta``, ``[k]``).
-
-    Two equivalent forms, and the one with the smaller systems is used: on the free set,
-    ``A_FF Δ_F = -λ_F - A_FZ fix_Z`` (``A = G + δI``); on the fixed set, ``Δ = H(-λ + ν)`` with
-    ``H = A⁻¹`` (given as ``inverse``, for one common ``δ``), ``ν`` supported on ``Z`` and
-    ``H_ZZ ν_Z = fix_Z + (Hλ)_Z``. When nearly every row is added (per-sample Gramians early in
-    training: 62 of 64), the second form solves ``2 x 2`` systems instead of ``62 x 62`` ones.
-    Without ``inverse`` (off CPU: no reads; or ``G`` nearly singular) the first form is used.
-    """
-    m = free.shape[1]
-    n_free = int(free.sum(dim=1).max()) if compact else m
-    n_fixed = int((~free).sum(dim=1).max()) if compact else m
-    fixed_part = torch.where(free, torch.zeros_like(fix), fix)
-    if inverse is not None and n_fixed < n_free:
-        nu = _block_solve(inverse, fixed_part + lam @ inverse, ~free, n_fixed)
-        return (nu - lam) @ inverse
-    rhs = -lam - fixed_part @ g - delta.unsqueeze(1) * fixed_part
-    return fixed_part + _block_solve(g, rhs, free, n_free, delta)
-
-
-def _block_solve(
-    matrix: Tensor, rhs: Tensor, select: Tensor, size: int, shift: Tensor | None = None
-) -> Tensor:
-    """Solve ``(matrix + shift I)[S, S] x_S = rhs_S`` for each problem (``S``: its ``select``
-    row; ``shift``: its own ``δ``, 0 when ``None``), 0 off ``S``.
-
-    ``size`` bounds every ``|S|``. The problems are solved in chunks, so that the gathered blocks
-    (``[chunk, size, m]`` rows, ``[chunk, size, size]`` blocks) stay within a few tens of MiB
-    however large ``k`` and ``m`` are.
-    """
-    batch, m = select.shape
-    if batch == 0 or size == 0:
-        return torch.zeros_like(rhs)
-    if shift is None:
-        shift = torch.zeros(batch, dtype=rhs.dtype, device=rhs.device)
-    chunk = max(1, _CHUNK_ELEMENTS // (size * m))
-    if batch <= chunk:
-        return _block_solve_chunk(matrix, rhs, select, size, shift)
-    return torch.cat(
-        [
-            _block_solve_chunk(matrix, b, s, size, d)
-            for b, s, d in zip(
-                rhs.split(chunk), select.split(chunk), shift.split(chunk), strict=True
-            )
-        ]
-    )
-
-
-def _block_solve_chunk(
-    matrix: Tensor, rhs: Tensor, select: Tensor, size: int, shift: Tensor
-) -> Tensor:
-    batch, m = select.shape
-    # Selected indices first, in increasing order (stable sort of the other indicator). The
-    # padding points at an extra zero row and column ``m``, and gets a unit diagonal: the blocks
-    # come padded with an identity block.
-    order = torch.sort((~select).to(torch.uint8), dim=1, stable=True).indices[:, :size]
-    valid = torch.arange(size, device=select.device) < select.sum(dim=1, keepdim=True)
-    padded = torch.where(valid, order, m)
-    extended = torch.nn.functional.pad(matrix, (0, 1, 0, 1))
-    rows = extended.index_select(0, padded.flatten()).view(batch, size, m + 1)
-    block = rows.gather(2, padded.unsqueeze(1).expand(batch, size, size))
-    block.diagonal(dim1=1, dim2=2).add_(torch.where(valid, shift.unsqueeze(1), 1.0))
-    factor = torch.linalg.cholesky(block)
-    b = torch.nn.functional.pad(rhs, (0, 1)).gather(1, padded).unsqueeze(2)
-
-    def solve(r: Tensor) -> Tensor:
-        y = torch.linalg.solve_triangular(factor, r, upper=False)
-        return torch.linalg.solve_triangular(factor.mT, y, upper=True)
-
-    x = solve(b)
-    for _ in range(_REFINEMENTS):
-        x = x + solve(b - block @ x)
-    return torch.zeros_like(rhs).scatter(1, order, x.squeeze(2) * valid)
 
 
 def _starting_free_set(gramian: Tensor, targets: Tensor, lipschitz: Tensor) -> Tensor:
@@ -316,59 +224,6 @@ def _pivoting(
         out = torch.where(certified.unsqueeze(1), out, y)
     else:
         out[rows] = torch.where(certified[rows].unsqueeze(1), out[rows], y)
-    return torch.maximum(out, u), certified
-
-
-def _projected_newton(
-    g: Tensor, u: Tensor, eps_in: float, delta: float, max_iter: int, compact: bool
-) -> tuple[Tensor, Tensor]:
-    """Bertsekas' projected Newton method on ``min ½ yᵀ g y`` s.t. ``y >= u`` (nearly singular
-    ``g``), certified like :func:`_solve_scaled`.
-
-    Rows within ``ε_k`` of their bound and pushed against it are held (gradient step); the others
-    take the Newton step of ``(G_FF + δI)`` (a descent direction however singular ``G_FF`` is),
-    and the step ``y(α) = max(y + α d, u)`` is the first of ``1, 1/8, 1/64, ...`` with Armijo's
-    decrease, all candidates evaluated in one batch.
-    """
-    k, r = u.shape
-    eps = torch.finfo(g.dtype).eps
-    steps = _STEPS.to(g.device).view(-1, 1, 1)
-    delta_k = torch.full((k,), delta, dtype=g.dtype, device=g.device)
-    y, lam, out = u.clone(), u @ g, u.clone()
-    rows = torch.arange(k, device=g.device)
-    certified = torch.zeros(k, dtype=torch.bool, device=g.device)
-    stuck = torch.zeros(k, dtype=torch.bool, device=g.device)  # no step decreased f
-    for _ in range(max_iter):
-        u_rows = u[rows]
-        slack = y - u_rows
-        norm = (lam * y).sum(dim=1, keepdim=True).clamp_min(0).sqrt()
-        tol = _TAU * norm + 2 * r * eps * y.abs().sum(dim=1, keepdim=True)
-        # KKT residual: λ_j = 0 where y_j > u_j, λ_j >= 0 at the bound.
-        residual = torch.where(slack > tol, lam.abs(), (-lam).clamp_min(0)).amax(dim=1)
-        loose = eps_in**0.5 * (norm + y.norm(dim=1, keepdim=True)).squeeze(1)
-        done = (residual <= tol.squeeze(1)) | (stuck & (residual <= loose))
-        out[rows] = torch.where(done.unsqueeze(1), y, out[rows])
-        certified[rows] |= done
-        keep = ~done
-        if not bool(keep.any()):
-            break
-        # Converged problems leave the batch (one read per iteration, on every device).
-        rows, y, lam = rows[keep], y[keep], lam[keep]
-        u_rows, slack, delta_k = u_rows[keep], slack[keep], delta_k[keep]
-        gap = (y - torch.maximum(y - lam, u_rows)).norm(dim=1, keepdim=True)
-        free = ~((slack <= gap.clamp_max(_BINDING)) & (lam > 0))
-        zeros = torch.zeros_like(lam)
-        d = _correction(g, None, lam, zeros, free, delta_k, compact)
-        d = torch.where(free, d, -lam)
-        candidates = torch.maximum(y + steps * d, u_rows)  # [steps, k, r]
-        lam_c = candidates @ g
-        decrease = 0.5 * ((lam_c * candidates).sum(dim=2) - (lam * y).sum(dim=1))
-        armijo = decrease <= _ARMIJO * (lam * (candidates - y)).sum(dim=2)
-        stuck = ~armijo.any(dim=0)
-        first = torch.where(stuck, -1, armijo.to(torch.uint8).argmax(dim=0))
-        pick = torch.arange(y.shape[0], device=g.device)
-        y, lam = candidates[first, pick], lam_c[first, pick]
-    out[rows] = torch.where(certified[rows].unsqueeze(1), out[rows], y)
     return torch.maximum(out, u), certified
 
 

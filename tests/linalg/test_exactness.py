@@ -240,3 +240,28 @@ def test_trim_removes_rounding_rank_only_below_float64():
     scaled = trimmed / d.unsqueeze(1) / d.unsqueeze(0)
     assert float(torch.linalg.eigvalsh(scaled)[0]) < 1e-13
     torch.testing.assert_close(trimmed, g, rtol=1e-6, atol=1e-6 * float(g.diagonal().max()))
+
+
+# --- The quadprog reference (public alternative) --------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["digits-mlp-late-B32", "breast_cancer-mlp-late-B16"])
+def test_quadprog_reference_on_real_gramians(realdata, name):
+    """On main its eigenvalue and row cuts dropped the fitted samples' constraints."""
+    from jdoptim.linalg import project_weights_quadprog
+
+    j = realdata[name].jacobian.double()
+    weights = project_weights_quadprog(j @ j.T, torch.eye(len(j), dtype=F64))
+    jn = j.numpy()
+    assert _error((weights.mean(dim=0) @ j).numpy(), ref.upgrad(jn), jn) <= 1e-6
+
+
+def test_quadprog_reference_small_and_spread_rows():
+    from jdoptim.linalg import project_weights_quadprog
+
+    j = torch.tensor([[1.0], [-1e-8]], dtype=F64)
+    assert (project_weights_quadprog(j @ j.T, torch.eye(2, dtype=F64)).mean(0) @ j).item() == 0
+    matrix = ref.spread_rows(16, 20, 16, seed=7)
+    j = torch.from_numpy(matrix)
+    weights = project_weights_quadprog(j @ j.T, torch.eye(16, dtype=F64))
+    assert _error((weights.mean(dim=0) @ j).numpy(), ref.upgrad(matrix), matrix) <= 1e-6
