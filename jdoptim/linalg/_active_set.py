@@ -128,18 +128,18 @@ def _solve_scaled(
     Returns the solutions and a mask of the certified ones (see the module notes).
     """
     r = u.shape[1]
-    device, dtype = g.device, g.dtype
     eta = eps_in**0.5  # what a Gramian given with precision eps_in resolves, relatively
-    identity = torch.eye(r, dtype=dtype, device=device)
     floor = max(_DELTA, r * eps_in)  # the smallest shift: above the Gramian's rounding
-    factor, info = torch.linalg.cholesky_ex(g + floor * identity)
-    inverse = torch.cholesky_inverse(factor)
-    # Nearly singular G (an eigenvalue below about 1e4 · δ): block pivoting may cycle.
-    well_conditioned = int(info) == 0 and bool(inverse.diagonal().max() * floor <= _CONDITION)
-    inverse = inverse if compact else None
-    if well_conditioned:
-        start = _starting_free_set(g + floor * identity, u, torch.linalg.matrix_norm(g, 1) + floor)
-        return _pivoting(g, u, u.clone(), start, inverse, floor, eta, max_iter, compact)
+    factor, info = torch.linalg.cholesky_ex(g)
+    inverse = torch.cholesky_inverse(factor) if int(info) == 0 else None
+    # Well conditioned (every eigenvalue above about 1e-6, 1e4 · _DELTA): principal blocks are
+    # positive definite, block pivoting is finite and exact without a shift. Otherwise it may
+    # cycle among equivalent active sets.
+    if inverse is not None and bool(inverse.diagonal().max() * _DELTA <= _CONDITION):
+        start = _starting_free_set(g, u, torch.linalg.matrix_norm(g, 1))
+        return _pivoting(
+            g, u, u.clone(), start, inverse if compact else None, 0.0, eta, max_iter, compact
+        )
     # Nearly singular: projected Newton finds the active sets, block pivoting (from there) makes
     # the answer exact where it can; otherwise Newton's certified answer stands.
     y, newton_ok = _projected_newton(g, u, eps_in, floor, _NEWTON_ITER, compact)

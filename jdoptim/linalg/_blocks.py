@@ -7,6 +7,7 @@ from torch import Tensor
 
 _REFINEMENTS = 1  # Iterative refinements of each free-set solve.
 _CHUNK_ELEMENTS = 2**22  # Problems per batched solve: their [chunk, f, m] rows stay under this.
+_BUCKET = 32  # Problems factorised together at one block size (CPU).
 _TAU = 1e-12  # Certificate: KKT residuals within _TAU · ‖projection‖ (plus the rounding floor).
 
 
@@ -33,31 +34,46 @@ def _correction(
     Without ``inverse`` (off CPU: no reads; or ``G`` nearly singular) the first form is used.
     """
     m = free.shape[1]
+    fixed_part = torch.where(free, torch.zeros_like(fix), fix)
     n_free = int(free.sum(dim=1).max()) if compact else m
     n_fixed = int((~free).sum(dim=1).max()) if compact else m
-    fixed_part = torch.where(free, torch.zeros_like(fix), fix)
     if inverse is not None and n_fixed < n_free:
-        nu = _block_solve(inverse, fixed_part + lam @ inverse, ~free, n_fixed)
+        nu = _block_solve(inverse, fixed_part + lam @ inverse, ~free, n_fixed, None, compact)
         return (nu - lam) @ inverse
     rhs = -lam - fixed_part @ g - delta.unsqueeze(1) * fixed_part
-    return fixed_part + _block_solve(g, rhs, free, n_free, delta)
+    return fixed_part + _block_solve(g, rhs, free, n_free, delta, compact)
 
 
 def _block_solve(
-    matrix: Tensor, rhs: Tensor, select: Tensor, size: int, shift: Tensor | None = None
+    matrix: Tensor,
+    rhs: Tensor,
+    select: Tensor,
+    size: int,
+    shift: Tensor | None = None,
+    compact: bool = False,
 ) -> Tensor:
     """Solve ``(matrix + shift I)[S, S] x_S = rhs_S`` for each problem (``S``: its ``select``
     row; ``shift``: its own ``δ``, 0 when ``None``), 0 off ``S``.
 
     ``size`` bounds every ``|S|``. The problems are solved in chunks, so that the gathered blocks
     (``[chunk, size, m]`` rows, ``[chunk, size, size]`` blocks) stay within a few tens of MiB
-    however large ``k`` and ``m`` are.
+    however large ``k`` and ``m`` are. With ``compact`` (set sizes readable for free: CPU), the
+    problems are sorted by ``|S|`` and each chunk of ``_BUCKET`` problems is factorised at its own
+    largest size: the cost is ``Σ |S|³`` rather than ``k · max |S|³`` (3x less at ``m = 256``).
     """
     batch, m = select.shape
     if batch == 0 or size == 0:
         return torch.zeros_like(rhs)
     if shift is None:
         shift = torch.zeros(batch, dtype=rhs.dtype, device=rhs.device)
+    if compact and batch > _BUCKET:
+        counts = select.sum(dim=1)
+        order = torch.argsort(counts)
+        out = torch.empty_like(rhs)
+        for part in order.split(_BUCKET):
+            bucket = int(counts[part].max())
+            out[part] = _block_solve(matrix, rhs[part], select[part], bucket, shift[part])
+        return out
     chunk = max(1, _CHUNK_ELEMENTS // (size * m))
     if batch <= chunk:
         return _block_solve_chunk(matrix, rhs, select, size, shift)
