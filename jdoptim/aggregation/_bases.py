@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from jdoptim.linalg import gramian
+from jdoptim.linalg import gramian, trim_gramian
 
 __all__ = [
     "Aggregator",
@@ -153,6 +153,9 @@ class GramianWeightedAggregator(WeightedAggregator):
         """Return ``W(J Jᵀ)`` in ``matrix``'s dtype; the Gramian is formed in float64.
 
         :func:`jdoptim.linalg.gramian` neither overflows nor underflows for any finite float32,
-        float16 or bfloat16 ``J`` (entries near ``1e19`` or ``1e-23`` in float32 included).
+        float16 or bfloat16 ``J`` (entries near ``1e19`` or ``1e-23`` in float32 included), and
+        :func:`jdoptim.linalg.trim_gramian` removes the directions that rounding of ``J`` to its
+        dtype creates (a no-op in float64).
         """
-        return self.weighting(gramian(matrix)).to(matrix.dtype)
+        exact = gramian(matrix)
+        return self.weighting(trim_gramian(exact, torch.finfo(matrix.dtype).eps)).to(matrix.dtype)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["gramian"]
+__all__ = ["gramian", "jacobi_scaled", "trim_gramian"]
 
 _CHUNK_ELEMENTS = 2**22  # float64 elements of one column chunk: 32 MiB.
 _SAFE_EXPONENT = 450  # float64 rows with max |J_ij| in [2^-450, 2^450] need no scaling.
@@ -95,3 +95,78 @@ def gramian(matrix: Tensor) -> Tensor:
             result = result * factor.unsqueeze(1) * factor.unsqueeze(0)
     # Mirror the upper triangle: exactly symmetric, whatever the product's rounding.
     return torch.triu(result) + torch.triu(result, diagonal=1).T
+
+
+def jacobi_scaled(gramian: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Return ``(rows, d, Ĝ)``: the rows with a positive diagonal, ``d = √G_ii`` on them, and
+    ``Ĝ = D⁻¹ G D⁻¹`` restricted to them (float64, exactly symmetric, unit diagonal).
+
+    The Gramian of the rows of ``J`` scaled to unit norm: ``{x : J x >= 0}`` does not change.
+    Zero rows (``G_ii = 0``) are left out: their constraint always holds.
+    """
+    g = gramian.detach().to(torch.float64)
+    g = torch.triu(g) + torch.triu(g, diagonal=1).mT  # symmetric by mirroring, no rounding
+    diagonal = g.diagonal()
+    rows = (diagonal > 0).nonzero().squeeze(1)
+    d = diagonal[rows].sqrt()
+    # |G_ij| <= d_i d_j, so neither division can overflow.
+    scaled = g[rows][:, rows] / d.unsqueeze(1) / d.unsqueeze(0)
+    return rows, d, scaled
+
+
+def trim_gramian(gramian: Tensor, eps: float) -> Tensor:
+    r"""Remove from a Gramian the directions that rounding of ``J`` at precision ``eps`` creates.
+
+    ``J`` stored in a dtype of machine epsilon ``eps`` has each row perturbed by up to
+    ``eps/2`` of its norm, so the rows scaled to unit norm, ``Ĵ``, are known only up to a
+    perturbation of spectral norm ``√r · eps/2``: an eigenvalue of ``Ĝ = Ĵ Ĵᵀ`` below
+    ``θ = r · eps²`` can be created by rounding alone (a rank-deficient float64 matrix rounded
+    to float32 becomes full-rank, with eigenvalues near ``1e-14``). Those eigenvalues are set to
+    zero: ``G' = D Ĝ_θ D``, the Gramian of rows each moved by at most ``√θ`` of its norm. This
+    matters for exactly singular problems stored in low precision (the stationary families of
+    issue 14): on the unrounded rows the dual cone is a subspace and the projection has small
+    weights; rounded, it is a thin wedge whose exact projection needs weights near ``1/eps``,
+    which an update formed in the input dtype cannot carry.
+
+    Costs one Cholesky factorisation of ``Ĝ - θI``; the eigendecomposition runs only when that
+    fails (some eigenvalue is below ``θ``). A no-op for ``eps`` of float64 (``θ`` far below
+    float64's rounding of ``Ĝ``).
+
+    Parameters
+    ----------
+    gramian:
+        A float64 Gramian (e.g. from :func:`gramian`).
+    eps:
+        Machine epsilon of the dtype ``J`` was stored in.
+
+    Returns
+    -------
+    Tensor
+        The float64 Gramian ``G'``.
+
+    Examples
+    --------
+    Two float32 rows that are parallel up to rounding keep a rank-one Gramian:
+
+    >>> import torch
+    >>> J = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 1.0 + 2**-23]])
+    >>> g = trim_gramian(gramian(J), torch.finfo(torch.float32).eps)
+    >>> float(torch.linalg.eigvalsh(g)[0]) < 1e-12
+    True
+    """
+    g = gramian.to(torch.float64)
+    if eps <= torch.finfo(torch.float64).eps:
+        return g
+    rows, d, scaled = jacobi_scaled(g)
+    r = rows.numel()
+    threshold = r * eps * eps
+    identity = torch.eye(r, dtype=torch.float64, device=g.device)
+    if r == 0 or int(torch.linalg.cholesky_ex(scaled - threshold * identity).info) == 0:
+        return g
+    eigenvalues, eigenvectors = torch.linalg.eigh(scaled)
+    kept = torch.where(eigenvalues >= threshold, eigenvalues, 0.0)
+    trimmed = (eigenvectors * kept) @ eigenvectors.mT
+    trimmed = (trimmed + trimmed.mT) / 2 * d.unsqueeze(1) * d.unsqueeze(0)
+    out = torch.zeros_like(g)
+    out[rows.unsqueeze(1), rows.unsqueeze(0)] = trimmed
+    return out
