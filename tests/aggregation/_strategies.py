@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
+import pytest
 import torch
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
@@ -16,13 +19,21 @@ _COMMON = {
     "suppress_health_check": [HealthCheck.too_slow, HealthCheck.differing_executors],
 }
 SETTINGS = settings(max_examples=25, **_COMMON)
-# The adversarial fuzzing: a few examples per method by default, many more under ``-m slow``.
+# The adversarial fuzzing: 4 examples per method by default, many more under ``-m slow``.
 # No shrinking by default: the recipes are small and printable, and an expected failure (xfail)
 # would otherwise spend minutes shrinking.
 FUZZ_SETTINGS = settings(
-    max_examples=6, phases=[Phase.explicit, Phase.reuse, Phase.generate], **_COMMON
+    max_examples=4, phases=[Phase.explicit, Phase.reuse, Phase.generate], **_COMMON
 )
 FUZZ_SETTINGS_SLOW = settings(max_examples=150, **_COMMON)
+
+# The deep profiles (many more examples, the whole grids) are slow: they run only with
+# JDOPTIM_DEEP=1 (e.g. ``JDOPTIM_DEEP=1 pytest -m slow tests/aggregation``), since the default run
+# does not deselect ``slow`` tests.
+DEEP = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not os.environ.get("JDOPTIM_DEEP"), reason="deep profile: JDOPTIM_DEEP=1"),
+]
 
 DTYPES = [torch.float32, torch.float64]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -16,12 +16,7 @@ import torch
 
 from jdoptim.aggregation import DualProj, UPGrad
 from tests.aggregation import _inputs, _oracles
-
-# Until h14-solver's exact dual-cone solver is merged (issue 14 item 1): 7 of these fail on main
-# (float32 weakly stationary rank 19, rows over 16 decades, the tiny opposite row).
-pytestmark = pytest.mark.xfail(
-    reason="dual-cone projection not exact yet (h14-solver)", raises=AssertionError, strict=False
-)
+from tests.aggregation._strategies import DEEP
 
 TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4}
 REFERENCES = {"UPGrad": (UPGrad, _oracles.upgrad), "DualProj": (DualProj, _oracles.dualproj)}
@@ -39,12 +34,25 @@ def check_against_nnls(name: str, matrix: np.ndarray, dtype: torch.dtype) -> Non
     assert worst >= -100 * matrix.shape[1] * torch.finfo(dtype).eps * radius**2
 
 
+def _grid(n: int, rank: int) -> list:
+    """The default run keeps a few shapes (the solver takes seconds on some of them, reported);
+    the rest of the grid runs with ``JDOPTIM_DEEP=1``."""
+    marks = () if (n, rank) in {(10, 12), (100, 1)} else DEEP
+    return [pytest.param(n, rank, marks=marks, id=f"{n}-{rank}")]
+
+
 @pytest.mark.parametrize("name", list(REFERENCES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("n", [10, 100])
-@pytest.mark.parametrize("rank", [1, 5, 12, 19])
+@pytest.mark.parametrize(
+    ("n", "rank"), [p for n in (10, 100) for r in (1, 5, 12, 19) for p in _grid(n, r)]
+)
 @pytest.mark.parametrize("strict", [True, False], ids=["strongly", "weakly"])
 def test_stationary_families(name, dtype, n, rank, strict):
+    if (name, dtype, n, rank, strict) == ("UPGrad", torch.float32, 100, 19, False):
+        pytest.xfail(
+            "h14-solver's projection is 8.6e-3 (relative) from NNLS here, also when the same "
+            "matrix is given in float64, and takes ~10 s: reported to the lead"
+        )
     check_against_nnls(name, _inputs.stationary(20, n, rank, 100 * rank + n, strict), dtype)
 
 
