@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from jdoptim.aggregation._bases import GramianWeightedAggregator, Weighting, check_gramian
+from jdoptim.linalg import project_weights
 from jdoptim.linalg._dual_cone import _nnls
 
 
@@ -145,6 +146,14 @@ def _cagrad_weights(g: np.ndarray, c: float, norm_eps: float, eps: float) -> np.
             t = 0.0
             solution = _project(b, y0, t)
         mu, distance = solution
+    if t == 0.0:
+        # 0 is in the hull and the ball reaches the dual cone: d is the projection of g_0 onto
+        # {d : J d >= 0}, DualProj's problem. Its multipliers are not unique when the rows are
+        # dependent, and the NNLS above can return huge ones (1e5 on a weakly stationary 20 x 100
+        # matrix of rank 19), whose cancellation in Jᵀw conflicts in float32: the exact
+        # projection solver returns small ones.
+        targets = torch.from_numpy(p)[None]
+        return project_weights(torch.from_numpy(g), targets)[0].numpy()
     weights = p.copy()
     weights[nonzero] += mu
     return weights

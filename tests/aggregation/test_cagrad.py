@@ -277,3 +277,24 @@ def test_hildreth_projection_matches_quadprog(seed):
     mu = _hildreth(unit, y0, bounds)
     assert np.all(mu >= 0.0)
     np.testing.assert_allclose(y0 + unit.T @ mu, expected, atol=1e-10)
+
+
+@pytest.mark.parametrize("rank", [5, 19])
+@pytest.mark.parametrize("strict", [True, False], ids=["strongly", "weakly"])
+def test_c_one_on_float32_stationary_families(rank, strict):
+    """Issue 14: CAGrad(c=1) conflicted by up to 0.18 R² on float32 stationary matrices (5.6e-3 R²
+    on this weakly stationary rank-19 one after the float64 Gramian: NNLS multipliers of 1e5
+    cancelling in Jᵀw). With 0 in the hull and c >= 1, d is the projection of g_0 onto the dual
+    cone: compared with float64 NNLS on the float32 matrix, and non-conflicting up to rounding."""
+    if rank == 19 and not strict:
+        pytest.xfail(
+            "the dual-cone solver (h14-solver) is 6.7e-4 R from NNLS on this matrix: DualProj "
+            "itself is, in float32 and float64 (reported); CAGrad inherits it"
+        )
+    j = torch.from_numpy(_inputs.stationary(20, 100, rank, 1, strict)).float()
+    matrix = j.double().numpy()
+    radius = np.linalg.norm(matrix, axis=1).max()
+    expected = _oracles.project_nnls(matrix, matrix.mean(axis=0))
+    update = CAGrad(1.0)(j).double().numpy()
+    assert np.linalg.norm(update - expected) <= 1e-4 * radius
+    assert float((matrix @ update).min()) >= -100 * 100 * np.finfo(np.float32).eps * radius**2
