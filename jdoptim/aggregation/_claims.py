@@ -439,7 +439,7 @@ CLAIMS: tuple[Claims, ...] = (
         ),
         _h(
             ("beta", "0.5", "EMA decay of the target cosines"),
-            ("eps", "1e-08", "relative floor of the norms"),
+            ("eps", "1e-08", "added to sqrt(1 - target^2) in the update's denominator"),
             _SEED,
         ),
         homogeneous=True,
