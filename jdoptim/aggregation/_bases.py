@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from jdoptim._module import StateModule
+from jdoptim.linalg import gramian, trim_gramian
 
 __all__ = [
     "Aggregator",
@@ -70,8 +71,14 @@ def check_gramian(gramian: Tensor) -> None:
 
 
 def gramian_of(matrix: Tensor) -> Tensor:
-    """The Gramian ``J Jᵀ`` of a matrix, as the weightings of Gramian-based aggregators see it."""
-    return matrix @ matrix.T
+    """The Gramian ``J Jᵀ`` of a matrix, as the weightings of Gramian-based aggregators see it.
+
+    It is formed in float64 by :func:`jdoptim.linalg.gramian` (no overflow or underflow for any
+    finite float32, float16 or bfloat16 ``J``: entries near ``1e19`` or ``1e-23`` in float32
+    included), and :func:`jdoptim.linalg.trim_gramian` removes the directions that the rounding
+    of ``J`` to its dtype creates (a no-op in float64).
+    """
+    return trim_gramian(gramian(matrix), torch.finfo(matrix.dtype).eps)
 
 
 class Weighting(StateModule, ABC):
@@ -147,7 +154,7 @@ class _GramianComposition(Weighting):
         self.__dict__["_gramian_weighting"] = gramian_weighting
 
     def forward(self, matrix: Tensor, /) -> Tensor:
-        return self._gramian_weighting(gramian_of(matrix))
+        return self._gramian_weighting(gramian_of(matrix)).to(matrix.dtype)
 
     def extra_repr(self) -> str:
         return repr(self._gramian_weighting)

@@ -1,79 +1,57 @@
-r"""Batched, exact projection onto the dual cone: a primal-dual active-set method in torch.
+r"""Batched, exact projection onto the dual cone, certified by its KKT conditions.
 
-This module solves the problem of :func:`jdoptim.linalg.project_weights_quadprog` for all
-targets at once and on any device. For a Jacobian ``J`` (``[m, n]``), its Gramian ``G = J Jᵀ``
-and a target weight vector ``u`` (``[m]``), the projection of ``g = Jᵀu`` onto the dual cone
-``{x : J x >= 0}`` is ``Jᵀw`` with
+For a Jacobian ``J`` (``[m, n]``), its Gramian ``G = J Jᵀ`` and a target weight vector ``u``
+(``[m]``), the projection of ``g = Jᵀu`` onto the dual cone ``{x : J x >= 0}`` is ``Jᵀw`` with
 
 .. math::
 
     w = \operatorname*{argmin}_{v \ge u} \tfrac12\, vᵀ G v
     \qquad (\text{Moreau: } g + Jᵀμ \text{ with } μ = w - u = \operatorname*{argmin}_{μ \ge 0}
-    \lVert Jᵀ(u + μ) \rVert^2),
+    \lVert Jᵀ(u + μ) \rVert^2).
 
-a convex quadratic program with bound constraints. Its KKT conditions, with ``μ = v - u`` and
-``λ = G v`` (``λ_j = ⟨J_j, Jᵀv⟩``, the alignment of the projection with row ``j``), are
+Its KKT conditions, with ``μ = v - u`` and ``λ = G v`` (the alignment of the projection with
+each row), are ``μ >= 0``, ``λ >= 0`` and ``μ_j λ_j = 0``. All problems (one per target) are
+solved together, in float64, on the Gramian's device.
 
-.. math::
+**Jacobi scaling.** Scaling the rows of ``J`` by positive numbers does not change the cone, so
+the problem is solved on ``Ĝ = D⁻¹GD⁻¹`` (``D = diag(√G_ii)``: the rows at unit norm) with
+targets ``Du``, and mapped back (``w = D⁻¹y``). Zero rows are set aside (their constraint
+always holds; their weight stays the target's). Late in training the diagonal of per-sample
+Gramians spreads over 1e-11…1e-86; scaled, their condition number is 12…5e8 (test fixtures).
 
-    μ \ge 0, \qquad λ \ge 0, \qquad μ_j λ_j = 0 \text{ for every } j:
+**Well-conditioned** ``Ĝ`` (``diag(Ĝ⁻¹) <= 1e6``, every eigenvalue above about 1e-6): block
+principal pivoting (semismooth Newton on ``min(μ, λ) = 0``) moves every infeasible index to the
+other set and solves the face system ``Ĝ_FF y_F = -Ĝ_FZ û_Z`` of every problem with one batched
+Cholesky factorisation per iteration, started from the sets that a few projected-gradient steps
+add. Cycling is broken by Kim & Park's backup rule (after three exchanges without progress, only
+the last infeasible index moves: finite for positive definite matrices). When nearly every row is
+added (early in training) the equivalent fixed-set form on ``Ĝ⁻¹`` solves ``|Z| x |Z|`` systems
+instead of ``|F| x |F|`` ones; on CPU the systems are sorted by size and factorised in buckets.
 
-the projection conflicts with no row (``λ >= 0``), and only rows it is orthogonal to are added.
+**Nearly singular** ``Ĝ`` (duplicated rows, ``m > n``, stationary points): the multipliers are
+not unique, principal blocks are singular and pivoting can cycle for ever. Bertsekas' projected
+Newton method finds the active sets instead: rows within ``ε`` of their bound and pushed against
+it are held, the others take the Newton step of ``Ĝ_FF + δI`` (``δ = 1e-10``; a descent
+direction however singular ``Ĝ_FF`` is), the step ``max(y + αd, u)`` is the first of
+``α = 1, 1/8, …`` with Armijo's decrease. Pivoting then polishes from Newton's point, each face
+system solved as a proximal step ``(Ĝ_FF + δI) Δ = residual`` from the current point (iterated
+Tikhonov: exact in a step or two where ``Ĝ_FF`` is regular; in its null directions ``y`` stays
+where it is, which keeps the weights small: a few units on the stationary families).
 
-**Active sets.** Given the *free* set ``F`` (rows allowed to be added, ``λ_F = 0``) and its
-complement ``Z`` (``μ_Z = 0``, i.e. ``v_Z = u_Z``), the KKT system is linear:
+**Certificate.** A problem is done when its point satisfies the KKT conditions of the
+*unregularised* problem: signs within ``tol = 1e-12 · ‖p‖ + 2r · eps · ‖y‖₁`` (``‖p‖ = √(yᵀĜy)``,
+the norm of the scaled projection, plus the rounding of ``λ = Ĝy``), and face equations
+``|λ_F| <= tol``, or, once a step no longer reduces them, ``|λ_F| <= √eps · (‖p‖ + ‖y‖)``, the
+resolution of a Gramian in float64 (a rank-deficient float64 Gramian has null eigenvalues near
+1e-16, i.e. directions of size 1e-8 in the rows that no Gramian-only method can tell from 0).
+Problems not certified within the iteration budget go to
+:func:`jdoptim.linalg.project_weights_quadprog` (one QP at a time, also on the scaled Gramian);
+none did on the test inputs or the benchmarks (``benchmarks/test_solver.py`` counts them).
 
-.. math::
-
-    G_{FF}\, v_F = -G_{FZ}\, u_Z, \qquad v_Z = u_Z,
-
-or equivalently, with ``H = G⁻¹``, ``v = H_{:Z}\, x`` where ``H_{ZZ}\, x = u_Z`` (then
-``λ_Z = x``, ``λ_F = 0``). Each iteration solves whichever has the smaller systems: when nearly
-every row is added, as for per-sample Gramians early in training (62 of 64 rows), the second form
-solves ``2 x 2`` systems instead of ``62 x 62`` ones (3.5 ms down to 1.1 ms at ``m = 64``).
-
-The primal-dual active-set iteration (block principal pivoting, semismooth Newton on
-``min(μ, λ) = 0``) moves every infeasible index to the other set (``j ∈ F`` with ``μ_j < 0``
-leaves, ``j ∈ Z`` with ``λ_j < 0`` enters) and stops when no index is infeasible: the KKT
-conditions then hold with exact complementarity, up to the tolerance ``10 · m · eps(float64)``
-relative to ``max_j |v_j|``: the float64 solution of the problem posed by the given Gramian (a
-float32 Gramian is exact in float64; a tolerance at float32's rounding unit let the iteration stop
-on a wrong active set, with errors of 1e-6 to 1e-5 at ``m = 128``). Cycling is broken by Kim &
-Park's backup rule: when the number of infeasible indices has not decreased for three
-iterations, only the infeasible index of largest position is exchanged (Murty's rule, finite for
-positive definite ``G``). All ``k`` problems iterate together, one batched factorisation per
-iteration.
-
-**Starting sets.** The iteration starts from the rows that a few steps of accelerated projected
-gradient (FISTA in float32, all problems in one matrix product per step, step ``1/λ_max``)
-add. On well-conditioned Gramians that guess is usually the
-answer, and one factorisation both computes and certifies it; otherwise the iteration corrects it
-in a few more. Problems still infeasible after ``max_iter`` iterations (degenerate or very
-ill-conditioned ones) are solved by :func:`jdoptim.linalg.project_weights_quadprog`, the only
-fallback.
-
-**Well-conditioned ``G`` only.** With dependent rows (duplicated gradients, ``m > n``, zero
-rows) ``G`` is singular, the multipliers ``μ`` are not unique and block pivoting can cycle among
-equivalent active sets; measured here, it certified none of 128 problems in 30 iterations on a
-duplicated-row Gramian. So the iteration runs only when ``λ_min(G) > √eps(dtype) · λ_max(G)``
-(one ``eigvalsh`` of the normalised ``G``; ``√eps`` leaves the answer of a float32 Gramian well
-above its rounding, and keeps the interlaced sub-blocks ``G_FF`` positive definite, so each
-Cholesky factorisation succeeds); otherwise every problem goes to
-:func:`jdoptim.linalg.project_weights_quadprog`, which solves on the range of ``G``. Per-sample
-and multi-task Gramians met in training are usually far from that limit (condition number 4.7
-for the per-sample gradients of the benchmark MLP at initialisation). Each system is solved by
-Cholesky plus ``1`` step of iterative refinement (``H`` is accurate to ``κ(G) · eps(float64) <=
-1.5e-8`` relative under the conditioning test). The problem is scale-free: ``G`` is
-divided by its largest diagonal entry first. All arithmetic is in float64, as in
-``project_weights_quadprog``.
-
-**Host synchronisation.** On CPU each iteration reads the largest free-set size (to factorise
-``[k, f, f]`` rather than ``[k, m, m]`` blocks) and drops converged problems from the batch; both
-are free there. On other devices the blocks are ``[k, m, m]`` (the fixed indices are padded with
-the identity), nothing is read back inside an iteration, and convergence is read only every
-``4`` iterations; iterations after a problem converged leave it unchanged. The conditioning
-test reads one number back before the iteration; the fallback, when needed, costs one more round
-trip.
+**Host synchronisation.** On CPU each iteration reads the set sizes (to factorise compact
+blocks) and drops certified problems from the batch. Off CPU the pivoting blocks are ``[k, m, m]``
+(padded with the identity) and convergence is read every ``4`` iterations; projected Newton
+reads once per iteration.
 """
 
 from __future__ import annotations
@@ -81,86 +59,24 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from jdoptim.linalg._blocks import _TAU, _correction
 from jdoptim.linalg._dual_cone import project_weights_quadprog
+from jdoptim.linalg._gramian import jacobi_scaled
+from jdoptim.linalg._newton import _projected_newton
 
 __all__ = ["project_weights"]
 
 _BACKUP_BUDGET = 3  # Kim & Park's "p̄": full exchanges allowed without progress.
-_REFINEMENTS = 1  # Iterative refinements of each free-set solve.
 _FISTA_STEPS = 12  # Steps of the starting guess.
 _CHECK_EVERY = 4  # Off CPU, read convergence back every this many iterations.
-_CHUNK_ELEMENTS = 2**22  # Problems per batched solve: their [chunk, f, m] rows stay under this.
+_DELTA = 1e-10  # Proximal shift of the factorised blocks (the scaled Gramian has a unit diagonal).
+_CONDITION = 1e-4  # Block pivoting alone while diag(G⁻¹) · _DELTA stays below this.
+_NEWTON_ITER = 100  # Projected Newton steps (nearly singular G) before pivoting polishes.
 
 
 def _reads_are_free(device: torch.device) -> bool:
     """Whether reading a value back to the host costs nothing (no device synchronisation)."""
     return device.type == "cpu"
-
-
-def _kkt_point(
-    gramian: Tensor, inverse: Tensor | None, targets: Tensor, free: Tensor, compact: bool
-) -> Tensor:
-    """Return ``v`` with ``v_Z = u_Z`` and ``(G v)_F = 0``, for each problem of the batch.
-
-    Two equivalent forms, and the one with the smaller systems is used: on the free set,
-    ``G_FF v_F = -G_FZ u_Z``; on the fixed set, ``v = H_{:Z} x`` with ``H = G⁻¹`` and
-    ``H_ZZ x = u_Z`` (``x`` is then ``λ_Z``). When nearly every row is added (per-sample
-    Gramians early in training: 62 of 64), the second form solves ``2 x 2`` systems instead of
-    ``62 x 62`` ones. Off CPU (no reads, ``inverse`` is ``None``) the first form is used.
-    """
-    m = free.shape[1]
-    n_free = int(free.sum(dim=1).max()) if compact else m
-    n_fixed = int((~free).sum(dim=1).max()) if compact else m
-    if inverse is not None and n_fixed < n_free:
-        return _block_solve(inverse, targets, ~free, n_fixed) @ inverse
-    fixed_part = torch.where(free, torch.zeros_like(targets), targets)
-    return fixed_part + _block_solve(gramian, -(fixed_part @ gramian), free, n_free)
-
-
-def _block_solve(matrix: Tensor, rhs: Tensor, select: Tensor, size: int) -> Tensor:
-    """Solve ``matrix[S, S] x_S = rhs_S`` for each problem (``S``: its ``select`` row), 0 off ``S``.
-
-    ``size`` bounds every ``|S|``. The problems are solved in chunks, so that the gathered blocks
-    (``[chunk, size, m]`` rows, ``[chunk, size, size]`` blocks) stay within a few tens of MiB
-    however large ``k`` and ``m`` are.
-    """
-    batch, m = select.shape
-    if batch == 0 or size == 0:
-        return torch.zeros_like(rhs)
-    chunk = max(1, _CHUNK_ELEMENTS // (size * m))
-    if batch <= chunk:
-        return _block_solve_chunk(matrix, rhs, select, size)
-    return torch.cat(
-        [
-            _block_solve_chunk(matrix, b, s, size)
-            for b, s in zip(rhs.split(chunk), select.split(chunk), strict=True)
-        ]
-    )
-
-
-def _block_solve_chunk(matrix: Tensor, rhs: Tensor, select: Tensor, size: int) -> Tensor:
-    batch, m = select.shape
-    # Selected indices first, in increasing order (stable sort of the other indicator). The
-    # padding points at an extra zero row and column ``m``, and gets a unit diagonal: the blocks
-    # come padded with an identity block.
-    order = torch.sort((~select).to(torch.uint8), dim=1, stable=True).indices[:, :size]
-    valid = torch.arange(size, device=select.device) < select.sum(dim=1, keepdim=True)
-    padded = torch.where(valid, order, m)
-    extended = torch.nn.functional.pad(matrix, (0, 1, 0, 1))
-    rows = extended.index_select(0, padded.flatten()).view(batch, size, m + 1)
-    block = rows.gather(2, padded.unsqueeze(1).expand(batch, size, size))
-    block.diagonal(dim1=1, dim2=2).add_(~valid)
-    factor = torch.linalg.cholesky(block)
-    b = torch.nn.functional.pad(rhs, (0, 1)).gather(1, padded).unsqueeze(2)
-
-    def solve(r: Tensor) -> Tensor:
-        y = torch.linalg.solve_triangular(factor, r, upper=False)
-        return torch.linalg.solve_triangular(factor.mT, y, upper=True)
-
-    x = solve(b)
-    for _ in range(_REFINEMENTS):
-        x = x + solve(b - block @ x)
-    return torch.zeros_like(rhs).scatter(1, order, x.squeeze(2) * valid)
 
 
 def _starting_free_set(gramian: Tensor, targets: Tensor, lipschitz: Tensor) -> Tensor:
@@ -182,16 +98,124 @@ def _starting_free_set(gramian: Tensor, targets: Tensor, lipschitz: Tensor) -> T
     return v > u
 
 
+def _solve_scaled(
+    g: Tensor, u: Tensor, eps_in: float, max_iter: int, compact: bool
+) -> tuple[Tensor, Tensor]:
+    """Solve ``min ½ yᵀ g y`` s.t. ``y >= u`` for each row of ``u``; ``g`` has a unit diagonal.
+
+    Returns the solutions and a mask of the certified ones (see the module notes).
+    """
+    r = u.shape[1]
+    eta = eps_in**0.5  # what a Gramian given with precision eps_in resolves, relatively
+    floor = max(_DELTA, r * eps_in)  # the smallest shift: above the Gramian's rounding
+    factor, info = torch.linalg.cholesky_ex(g)
+    inverse = torch.cholesky_inverse(factor) if int(info) == 0 else None
+    # Well conditioned (every eigenvalue above about 1e-6, 1e4 · _DELTA): principal blocks are
+    # positive definite, block pivoting is finite and exact without a shift. Otherwise it may
+    # cycle among equivalent active sets.
+    if inverse is not None and bool(inverse.diagonal().max() * _DELTA <= _CONDITION):
+        start = _starting_free_set(g, u, torch.linalg.matrix_norm(g, 1))
+        return _pivoting(
+            g, u, u.clone(), start, inverse if compact else None, 0.0, eta, max_iter, compact
+        )
+    # Nearly singular: projected Newton finds the active sets, block pivoting (from there) makes
+    # the answer exact where it can; otherwise Newton's certified answer stands.
+    y, newton_ok = _projected_newton(g, u, eps_in, floor, _NEWTON_ITER, compact)
+    y_piv, pivot_ok = _pivoting(g, u, y, y > u, None, floor, eta, max_iter, compact)
+    return torch.where(pivot_ok.unsqueeze(1), y_piv, y), pivot_ok | newton_ok
+
+
+def _pivoting(
+    g: Tensor,
+    u: Tensor,
+    y: Tensor,
+    free: Tensor,
+    inverse: Tensor | None,
+    floor: float,
+    eta: float,
+    max_iter: int,
+    compact: bool,
+) -> tuple[Tensor, Tensor]:
+    """Block principal pivoting from ``(y, free)``, each inner problem proximal (``δ = floor``)."""
+    k, r = u.shape
+    device, dtype = g.device, g.dtype
+    eps = torch.finfo(dtype).eps
+    delta = torch.full((k,), floor, dtype=dtype, device=device)
+    centre = y.clone()  # each inner problem: min ½yᵀGy + δ/2 ‖y - centre‖² s.t. y >= u
+    out = u.clone()
+    rows = torch.arange(k, device=device)
+    certified = torch.zeros(k, dtype=torch.bool, device=device)
+    best = torch.full((k,), r + 1, device=device)
+    budget = torch.full((k,), _BACKUP_BUDGET, device=device)
+    positions = torch.arange(1, r + 1, device=device)
+    previous = torch.full((k,), torch.inf, dtype=dtype, device=device)
+    for iteration in range(max_iter):
+        u_rows = u[rows]
+        # One block-pivoting step of the inner problem (a positive definite LCP), written as a
+        # correction from the current point: its residual uses G + δI itself.
+        lam_inner = y @ g + delta.unsqueeze(1) * (y - centre)
+        y = y + _correction(g, inverse, lam_inner, u_rows - y, free, delta, compact)
+        lam = y @ g  # (Ĵ p)_j of the unregularised problem, p = Ĵᵀy
+        lam_inner = lam + delta.unsqueeze(1) * (y - centre)
+        norm = (lam * y).sum(dim=1, keepdim=True).clamp_min(0).sqrt()  # ‖p‖
+        # Signs: to the rounding of λ = G y, plus _TAU of the projection's norm.
+        tol = _TAU * norm + 2 * r * eps * y.abs().sum(dim=1, keepdim=True)
+        infeasible = torch.where(free, y - u_rows < -tol, lam_inner < -tol)
+        count = infeasible.sum(dim=1)
+        solved = count == 0  # the inner problem: its centre moves to its solution
+        # The unregularised KKT conditions: signs, and face equations λ_F = 0 to the same
+        # tolerance or, once a proximal step no longer halves their residual, to what the
+        # Gramian resolves (see the module notes).
+        residual = torch.where(free, lam.abs(), 0).amax(dim=1)
+        loose = eta * (norm + y.norm(dim=1, keepdim=True)).squeeze(1)
+        stalled = residual > 0.5 * previous
+        resolved = (residual <= tol.squeeze(1)) | (stalled & (residual <= loose))
+        signs = torch.where(free, True, lam >= -tol).all(dim=1)
+        previous = torch.where(solved, residual, previous)
+        done = solved & signs & resolved
+        centre = torch.where(solved.unsqueeze(1), y, centre)
+        out[rows] = torch.where((done & ~certified[rows]).unsqueeze(1), y, out[rows])
+        certified[rows] |= done
+        if compact:
+            keep = ~done
+            if not bool(keep.any()):
+                break
+            rows, free, infeasible, count, solved = (
+                t[keep] for t in (rows, free, infeasible, count, solved)
+            )
+            y, centre, previous, best, budget, delta = (
+                t[keep] for t in (y, centre, previous, best, budget, delta)
+            )
+        elif (iteration + 1) % _CHECK_EVERY == 0 and bool(certified.all()):
+            break
+        # Kim & Park's backup rule: full exchange while the infeasibility count keeps falling
+        # (or for a few more tries), otherwise Murty's single exchange of the last infeasible.
+        # A solved inner problem restarts the count for the next one (same sets, new centre).
+        improved = count < best
+        full = improved | (budget > 0)
+        best = torch.where(solved, r + 1, torch.where(improved, count, best))
+        budget = torch.where(solved | improved, _BACKUP_BUDGET, budget - 1)
+        last = (infeasible * positions).argmax(dim=1, keepdim=True)
+        single = torch.zeros_like(infeasible).scatter_(1, last, True) & infeasible
+        free = free ^ torch.where(full.unsqueeze(1), infeasible, single)
+    if not compact:
+        out = torch.where(certified.unsqueeze(1), out, y)
+    else:
+        out[rows] = torch.where(certified[rows].unsqueeze(1), out[rows], y)
+    return torch.maximum(out, u), certified
+
+
 def project_weights(gramian: Tensor, targets: Tensor, *, max_iter: int = 30) -> Tensor:
     """Return the weights of the dual-cone projections of ``Jᵀ targets[k]``, all at once.
 
-    All problems are solved together by one batched primal-dual active-set iteration (block
-    principal pivoting) in torch, on the Gramian's device: each iteration solves the KKT system of
-    every problem's current active set with one batched Cholesky factorisation, in float64, and
-    stops when the KKT conditions hold (complementarity exact, signs to ``10 · m · eps(float64)``
-    relative). Problems not certified within ``max_iter`` iterations are handed to
-    :func:`jdoptim.linalg.project_weights_quadprog`. The answer does not depend on a
-    regularisation: the tests compare it with an independent float64 NNLS to 1e-6 relative.
+    Exact for every finite positive semi-definite ``G`` (singular ones included), whatever its
+    dtype: the Gramian is Jacobi-scaled, all arithmetic is in float64, and each answer is
+    certified by the KKT conditions of the unregularised problem (see the module notes for the
+    method and tolerances): the tests compare it with an independent float64 NNLS to 1e-6
+    relative (1e-4 for float32 inputs) on real-training, stationary, duplicated-row and
+    spread-row inputs, with quadprog forbidden. Problems not certified within the iteration
+    budget (none in the tests) are handed to :func:`jdoptim.linalg.project_weights_quadprog`.
+    Among the many optimal weights of a singular problem, small ones are returned.
 
     Parameters
     ----------
@@ -200,8 +224,8 @@ def project_weights(gramian: Tensor, targets: Tensor, *, max_iter: int = 30) -> 
     targets:
         Weight vectors ``u_k`` stacked in a ``[k, m]`` matrix.
     max_iter:
-        Active-set iterations before the problems still infeasible (degenerate or very
-        ill-conditioned ones; well-conditioned problems take 1 to 3) are handed to
+        Block-pivoting iterations (well-conditioned problems take 2 to 10; nearly singular ones
+        first take up to 200 projected Newton steps) before uncertified problems are handed to
         :func:`jdoptim.linalg.project_weights_quadprog`.
 
     Returns
@@ -209,7 +233,8 @@ def project_weights(gramian: Tensor, targets: Tensor, *, max_iter: int = 30) -> 
     Tensor
         ``[k, m]`` weights ``w_k = u_k + μ_k`` with ``μ_k >= 0`` such that ``Jᵀ w_k`` is the
         Euclidean projection of ``Jᵀ u_k`` onto ``{x : J x >= 0}``. Same dtype and device as
-        ``gramian``. When ``G`` is singular the projection is unique but ``w`` need not be.
+        ``gramian`` (weights beyond the dtype's range are clamped to it). When ``G`` is
+        singular the projection is unique but ``w`` need not be.
 
     Raises
     ------
@@ -230,6 +255,13 @@ def project_weights(gramian: Tensor, targets: Tensor, *, max_iter: int = 30) -> 
             [1.0000, 1.0000]], dtype=torch.float64)
     >>> J @ (w[0] @ J)  # no row conflicts with the projection
     tensor([0.5000, 0.0000], dtype=torch.float64)
+
+    A row ``10⁸`` times smaller still bounds the cone: the projection of ``(1)`` onto
+    ``{x : x >= 0, -10⁻⁸ x >= 0}`` is exactly 0.
+
+    >>> J = torch.tensor([[1.0], [-1e-8]], dtype=torch.float64)
+    >>> (project_weights(J @ J.T, torch.tensor([[1.0, 0.0]], dtype=torch.float64)) @ J).item()
+    0.0
     """
     if gramian.ndim != 2 or gramian.shape[0] != gramian.shape[1]:
         raise ValueError(f"gramian must be a square matrix, got shape {tuple(gramian.shape)}.")
@@ -240,65 +272,19 @@ def project_weights(gramian: Tensor, targets: Tensor, *, max_iter: int = 30) -> 
             f"{tuple(targets.shape)}."
         )
     dtype, device = gramian.dtype, gramian.device
-    work = torch.float64
-    u = targets.detach().to(dtype=work, device=device)
-    k = u.shape[0]
-    if m == 0 or k == 0:
-        return u.to(dtype)
-    eps = torch.finfo(dtype).eps
-    compact = _reads_are_free(device)
-
-    g = gramian.detach().to(work)
-    g = (g + g.mT) / 2
-    scale = g.diagonal().max()
-    g = g / torch.where(scale > 0, scale, 1.0)
-    eigenvalues = torch.linalg.eigvalsh(g)
-    if not bool(eigenvalues[0] > eps**0.5 * eigenvalues[-1]):  # singular or ill-conditioned
-        return project_weights_quadprog(gramian.detach(), targets.detach().to(dtype))
-    # G⁻¹ serves the fixed-set form, which needs the set sizes read back: CPU only.
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(g)) if compact else None
-    tol_factor = 10 * m * torch.finfo(work).eps
-
-    free = _starting_free_set(g, u, eigenvalues[-1])
+    u = targets.detach().to(dtype=torch.float64, device=device)
     weights = u.clone()
-    rows = torch.arange(k, device=device)  # problems still in the batch
-    best = torch.full((k,), m + 1, device=device)
-    budget = torch.full((k,), _BACKUP_BUDGET, device=device)
-    positions = torch.arange(1, m + 1, device=device)
-    converged = torch.zeros(k, dtype=torch.bool, device=device)
-
-    for iteration in range(max_iter):
-        u_rows = u[rows]
-        v = _kkt_point(g, inverse, u_rows, free, compact)
-        lam = v @ g
-        tol = tol_factor * v.abs().amax(dim=1, keepdim=True)
-        infeasible = torch.where(free, v - u_rows < -tol, lam < -tol)
-        count = infeasible.sum(dim=1)
-        done = count == 0
-        weights[rows] = torch.where((done & ~converged[rows]).unsqueeze(1), v, weights[rows])
-        converged[rows] |= done
-        if compact:
-            keep = ~done
-            if not bool(keep.any()):
-                break
-            rows, free, infeasible, count = rows[keep], free[keep], infeasible[keep], count[keep]
-            best, budget = best[keep], budget[keep]
-        elif (iteration + 1) % _CHECK_EVERY == 0 and bool(converged.all()):
-            break
-        # Kim & Park's backup rule: full exchange while the infeasibility count keeps falling
-        # (or for a few more tries), otherwise Murty's single exchange of the last infeasible.
-        improved = count < best
-        full = improved | (budget > 0)
-        best = torch.where(improved, count, best)
-        budget = torch.where(improved, _BACKUP_BUDGET, budget - (~improved).long())
-        last = (infeasible * positions).argmax(dim=1, keepdim=True)
-        single = torch.zeros_like(infeasible).scatter_(1, last, True) & infeasible
-        exchange = torch.where(full.unsqueeze(1), infeasible, single)
-        free = free ^ exchange
-
-    if not bool(converged.all()):
-        missing = (~converged).nonzero().squeeze(1)
-        fallback = project_weights_quadprog(gramian.detach(), targets.detach()[missing].to(dtype))
-        weights[missing] = fallback.to(work)
-    # Complementarity holds; clear the rounding left in μ (never more than the tolerance).
-    return torch.maximum(weights, u).to(dtype)
+    rows, d, scaled = jacobi_scaled(gramian)  # zero rows left out: their constraint holds
+    if rows.numel() == 0 or u.shape[0] == 0:
+        return weights.to(dtype)
+    eps_in = torch.finfo(dtype).eps  # the precision the Gramian was given in
+    y, certified = _solve_scaled(scaled, u[:, rows] * d, eps_in, max_iter, _reads_are_free(device))
+    weights[:, rows] = torch.maximum(y / d, u[:, rows])  # μ >= 0 exactly, despite (u·d)/d
+    if not bool(certified.all()):
+        missing = (~certified).nonzero().squeeze(1)
+        fallback = project_weights_quadprog(gramian.detach(), u[missing].to(dtype))
+        weights[missing] = fallback.to(torch.float64)
+    # Weights beyond the dtype's range (rows over 1e38 times smaller than others, in float32)
+    # are clamped: the update they would form is not representable either.
+    limit = torch.finfo(dtype).max
+    return weights.clamp(-limit, limit).to(dtype)

@@ -17,12 +17,14 @@ convex quadratic program
 
     y^* = \operatorname*{argmin}_{B y \ge 0} \tfrac12 \lVert y - Bᵀu \rVert^2,
 
-whose KKT multipliers are exactly ``μ``. No regularisation moves the answer: the only tolerance is
-the one that decides which eigenvalues of ``G`` are numerically zero (``eps(dtype) · λ_max``, the
-rounding unit of ``G``'s largest eigenvalue in its own dtype: below it, an eigenvalue cannot be told
-from the rounding of ``G``; a larger ``m · eps`` factor dropped real directions of float32
-Gramians, e.g. a 33% error at ``m = 128`` for a Jacobian with condition number 370).
-The problem is scale-free: ``G`` is divided by its largest diagonal entry first.
+whose KKT multipliers are exactly ``μ``. The problem is solved on the Jacobi-scaled Gramian
+``Ĝ = D⁻¹GD⁻¹`` (``D``: the square roots of the diagonal; rows of ``J`` scaled to unit norm,
+which leaves the cone unchanged; zero rows set aside, their constraint always holds), so rows
+1e12 times smaller than others keep their constraints. The only tolerance decides which
+eigenvalues of ``Ĝ`` are numerically zero: ``r · eps(dtype) · λ_max(Ĝ)``, the rounding of a
+unit-diagonal Gramian of ``r`` rows in its own dtype. (On ``main`` before issue 14 the cut was
+relative to the unscaled ``λ_max`` and dropped rows with ``‖b_i‖² <= m · eps``: exactly the
+constraints of fitted samples late in training, 0.2-1.1 relative from the exact projection.)
 """
 
 from __future__ import annotations
@@ -32,13 +34,15 @@ import quadprog
 import torch
 from torch import Tensor
 
+from jdoptim.linalg._gramian import jacobi_scaled
+
 __all__ = ["project_weights_quadprog"]
 
 
 def _range_factor(gramian: np.ndarray, eps: float) -> np.ndarray:
     """Return ``B`` (``[m, r]``) with ``B Bᵀ`` equal to ``gramian`` on its numerical range."""
     eigenvalues, eigenvectors = np.linalg.eigh(gramian)
-    threshold = eigenvalues[-1] * eps  # the rounding unit of λ_max in the dtype of G
+    threshold = eigenvalues[-1] * eps  # the rounding of the (scaled) Gramian: r · eps · λ_max
     keep = eigenvalues > threshold
     return eigenvectors[:, keep] * np.sqrt(eigenvalues[keep])
 
@@ -101,31 +105,24 @@ def project_weights_quadprog(gramian: Tensor, targets: Tensor) -> Tensor:
     >>> w[0] @ J
     tensor([0., 1.], dtype=torch.float64)
     """
-    m = gramian.shape[0]
     eps = float(torch.finfo(gramian.dtype).eps)
-    g = gramian.detach().to(device="cpu", dtype=torch.float64).numpy()
     u = targets.detach().to(device="cpu", dtype=torch.float64).numpy()
     weights = u.copy()
-    scale = float(np.max(np.diag(g), initial=0.0))
-    if scale > 0.0:
-        g = (g + g.T) / (2.0 * scale)
-        b = _range_factor(g, eps)
-        # Constraints of rows that vanish on the range (zero gradients) can never be active.
-        active_rows = np.flatnonzero(np.einsum("ij,ij->i", b, b) > m * eps)
-        constraints = b[active_rows]
+    rows, d, scaled = (t.cpu().numpy() for t in jacobi_scaled(gramian.detach().cpu()))
+    if rows.size:
+        # Rows of Ĵ = D⁻¹J in an orthonormal basis of its row space; targets û = D u.
+        b = _range_factor(scaled, len(rows) * eps)
         identity = np.eye(b.shape[1])
         for k in range(u.shape[0]):
-            c = b.T @ u[k]
-            if b.shape[1] == 0 or np.all(constraints @ c >= 0.0):
+            c = b.T @ (u[k, rows] * d)
+            if b.shape[1] == 0 or np.all(b @ c >= 0.0):
                 continue  # Jᵀu_k already lies in the dual cone.
             try:
-                multipliers = quadprog.solve_qp(
-                    identity, c, constraints.T, np.zeros(len(active_rows))
-                )[4]
+                multipliers = quadprog.solve_qp(identity, c, b.T, np.zeros(len(rows)))[4]
             except ValueError:
                 # The cone always contains 0, so the QP is feasible; quadprog declares it
                 # "inconsistent" only when rounding leaves a dependent constraint violated at a
                 # degenerate solution (e.g. rows g and -g). The dual NNLS has no such failure.
-                multipliers = _nnls(constraints.T, -c)
-            weights[k, active_rows] += multipliers
+                multipliers = _nnls(b.T, -c)
+            weights[k, rows] += multipliers / d
     return torch.from_numpy(weights).to(device=gramian.device, dtype=gramian.dtype)

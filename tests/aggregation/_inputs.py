@@ -64,3 +64,35 @@ EDGE_CASES: dict[str, np.ndarray] = {
 }
 
 SCALES = [1e-8, 1e-4, 1.0, 1e4, 1e8]
+
+
+def stationary(m: int, n: int, rank: int, seed: int, strict: bool = True) -> np.ndarray:
+    """An ``[m, n]`` matrix of rank ``<= rank`` with ``λᵀJ = 0`` for some ``λ >= 0``, ``λ != 0``.
+
+    ``strict``: every ``λ_i > 0`` (strongly stationary: 0 in the relative interior of the hull);
+    otherwise about half of them are 0 (weakly stationary: 0 on a face of the hull). The rows are
+    combinations of ``rank`` Gaussian directions whose coefficients are projected so that
+    ``λᵀA = 0``: the property tests of the literature's stationary families.
+    """
+    rng = np.random.default_rng(seed)
+    weights = rng.uniform(0.1, 1.0, size=m)
+    if not strict:
+        weights[rng.permutation(m)[: m // 2]] = 0.0
+    coefficients = rng.normal(size=(m, rank))
+    coefficients -= np.outer(weights, weights @ coefficients) / (weights @ weights)
+    return coefficients @ rng.normal(size=(rank, n))
+
+
+def spread_rows(matrix: np.ndarray, decades: float, seed: int) -> np.ndarray:
+    """Rows multiplied by ``10^u``, ``u`` uniform in ``[-decades/2, decades/2]``."""
+    rng = np.random.default_rng(seed)
+    return matrix * 10.0 ** rng.uniform(-decades / 2, decades / 2, size=(matrix.shape[0], 1))
+
+
+def with_duplicated_and_zero_rows(matrix: np.ndarray, seed: int) -> np.ndarray:
+    """Append a copy of a row, a positive multiple of another, and a zero row, then shuffle."""
+    rng = np.random.default_rng(seed)
+    i, j = rng.integers(matrix.shape[0], size=2)
+    extra = np.stack([matrix[i], 3.0 * matrix[j], np.zeros(matrix.shape[1])])
+    rows = np.concatenate([matrix, extra])
+    return rows[rng.permutation(rows.shape[0])]

@@ -82,3 +82,20 @@ def test_zero_rows_and_no_solution():
 def test_bad_arguments(args, error):
     with pytest.raises(error):
         FairGrad(*args)
+
+
+def test_rows_spread_over_four_decades():
+    """Regression (found by the fuzzing): with row norms from 1e-2 to 40 the weights solved
+    ``(G w)_i w_i = 1`` only to 4e-8 (relative) and a row permutation moved the update by 1e-6:
+    rebuilding ``G`` from its eigendecomposition added ``eps · λ_max`` to the short rows' entries.
+    """
+    from tests.aggregation._inputs import conflicting, spread_rows
+
+    matrix = spread_rows(conflicting(8, 10, 0), 4, 0)
+    gramian = matrix @ matrix.T
+    weights = FairGradWeighting(alpha=1.0)(torch.from_numpy(gramian)).numpy()
+    np.testing.assert_allclose(weights * (gramian @ weights), np.ones(8), rtol=0, atol=1e-9)
+    permutation = np.random.default_rng(0).permutation(8)
+    update = FairGrad(alpha=1.0)(torch.from_numpy(matrix)).numpy()
+    permuted = FairGrad(alpha=1.0)(torch.from_numpy(matrix[permutation])).numpy()
+    assert np.linalg.norm(update - permuted) <= 1e-9 * np.linalg.norm(update)

@@ -126,9 +126,9 @@ def test_fallback_is_exact() -> None:
         assert _error(jacobian, weights, list(range(64))) < 1e-6
 
 
-@pytest.mark.parametrize(("kind", "uses_quadprog"), [("random", False), ("rank_deficient", True)])
-def test_quadprog_only_for_singular_gramians(monkeypatch, kind: str, uses_quadprog: bool) -> None:
-    """Well-conditioned Gramians are certified by the batched iteration, without quadprog."""
+@pytest.mark.parametrize("kind", ["random", "rank_deficient", "duplicated", "ill_conditioned"])
+def test_no_quadprog_even_for_singular_gramians(monkeypatch, kind: str) -> None:
+    """Every problem is certified by the batched solvers (main sent singular ones to quadprog)."""
     calls = []
 
     def spy(gramian: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -138,7 +138,7 @@ def test_quadprog_only_for_singular_gramians(monkeypatch, kind: str, uses_quadpr
     monkeypatch.setattr("jdoptim.linalg._active_set.project_weights_quadprog", spy)
     jacobian = _jacobian(kind, 64)
     weights = project_weights(jacobian @ jacobian.T, torch.eye(64, dtype=torch.float64))
-    assert bool(calls) == uses_quadprog
+    assert not calls
     assert _error(jacobian, weights, list(range(64))) < 1e-6
 
 
@@ -182,3 +182,17 @@ def test_cuda_matches_cpu(dtype: torch.dtype) -> None:
     tol = 1e-4 if dtype == torch.float32 else 1e-9
     assert _error(jacobian, cuda.cpu(), list(range(64))) < tol
     torch.testing.assert_close(cuda.cpu(), cpu, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("kind", ["duplicated", "rank_deficient"])
+def test_device_path_on_cpu_singular(monkeypatch, kind: str) -> None:
+    """The off-CPU path (no reads in pivoting) on singular Gramians, quadprog forbidden."""
+
+    def forbidden(*args: object) -> torch.Tensor:
+        raise AssertionError("the quadprog fallback ran")
+
+    monkeypatch.setattr("jdoptim.linalg._active_set._reads_are_free", lambda device: False)
+    monkeypatch.setattr("jdoptim.linalg._active_set.project_weights_quadprog", forbidden)
+    jacobian = _jacobian(kind, 32)
+    weights = project_weights(jacobian @ jacobian.T, torch.eye(32, dtype=torch.float64))
+    assert _error(jacobian, weights, list(range(32))) < 1e-6
