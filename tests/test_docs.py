@@ -1,62 +1,243 @@
-"""The Sphinx docs build with warnings as errors, and the usage page mirrors the README."""
+"""The documentation builds with warnings as errors, runs its code, and shows what it promises.
 
+One HTML build (gallery in quick mode, re-run) and one doctest build share a doctree cache; the
+other tests inspect their output or the sources.
+"""
+
+from __future__ import annotations
+
+import configparser
+import html
+import importlib
+import inspect
+import os
 import re
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
+HAND_WRITTEN = [
+    p for p in DOCS.rglob("*.rst") if not {"_generated", "auto_examples"} & set(p.parts)
+]
+# A LaTeX command, or a braced sub/superscript, inside an inline code literal: renders as raw TeX.
+TEX = re.compile(r"\\[A-Za-z]+|[_^]\{")
+LITERAL = re.compile(r'<code class="docutils literal notranslate">(.*?)</code>', re.DOTALL)
+
+for module in ("sphinx", "furo", "sphinx_gallery", "matplotlib", "sphinx_copybutton"):
+    pytest.importorskip(module, reason=f"{module} is not installed (pip install -e '.[docs]')")
 
 
-def test_docs_build_without_warnings(tmp_path):
-    pytest.importorskip("sphinx", reason="sphinx is not installed (pip install -e '.[docs]')")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sphinx",
-            "-W",
-            "--keep-going",
-            "-q",
-            "-b",
-            "html",
-            "-d",
-            str(tmp_path / "doctrees"),
-            str(DOCS),
-            str(tmp_path / "html"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
+def _sphinx(builder: str, out: Path, doctrees: Path, **env: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", builder]
+    command += ["-d", str(doctrees), str(DOCS), str(out)]
+    environ = {**os.environ, "JDOPTIM_QUICK": "1", "MPLBACKEND": "agg", **env}
+    environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), environ.get("PYTHONPATH", "")])
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=300, cwd=ROOT, env=environ
     )
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    """The HTML site, built once with ``-W``; the gallery's examples are run again (quick mode)."""
+    tmp = tmp_path_factory.mktemp("docs")
+    result = _sphinx("html", tmp / "html", tmp / "doctrees", JDOPTIM_DOCS_RERUN="1")
     assert result.returncode == 0, result.stdout + result.stderr
-    api = (tmp_path / "html" / "api.html").read_text()
-    for name in [
-        "jdoptim.JacobianOptimizer",
-        "jdoptim.jac",
-        "jdoptim.backward",
-        "jdoptim.jac_to_grad",
-        "jdoptim.mtl_backward",
-        "jdoptim.linalg.project_weights",
-        "jdoptim.linalg.project_weights_quadprog",
-    ]:
-        assert f'id="{name}"' in api, name
-    import jdoptim.aggregation
-
-    for name in jdoptim.aggregation.__all__:
-        assert f'id="jdoptim.aggregation.{name}"' in api, name
+    return tmp
 
 
-def test_usage_page_mirrors_the_readme_python_blocks():
+def _pages(site: Path) -> dict[str, str]:
+    html_dir = site / "html"
+    return {
+        str(p.relative_to(html_dir)): p.read_text(encoding="utf-8")
+        for p in html_dir.rglob("*.html")
+        if not {"_modules", "_sources"} & set(p.relative_to(html_dir).parts)
+    }
+
+
+def test_every_code_block_of_the_pages_runs(site):
+    result = _sphinx("doctest", site / "doctest", site / "doctrees")
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = (site / "doctest" / "output.txt").read_text()
+    ran = sum(int(n) for n in re.findall(r"(\d+) passed and 0 failed", report))
+    blocks = sum(len(re.findall(r"^\.\. testcode::", p.read_text(), re.M)) for p in HAND_WRITTEN)
+    assert ran >= blocks > 5, report
+
+
+def test_pages_have_no_untested_python_blocks():
+    # Python on a page is a ``testcode`` block (run by the doctest builder), never a plain
+    # ``code-block:: python`` or a ``>>>`` literal block that nothing runs.
+    for page in HAND_WRITTEN:
+        text = page.read_text()
+        assert not re.search(r"code-block::\s*(python|pycon)", text), page
+        assert not re.search(r"^\s*>>> ", text, re.M), page
+
+
+def test_docstring_examples_run_in_the_suite():
+    # The API pages render the docstrings' examples; pytest runs them (--doctest-modules) over
+    # the package, in their module's namespace.
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    assert "--doctest-modules" in config["tool:pytest"]["addopts"].split()
+    assert "jdoptim" in config["tool:pytest"]["testpaths"].split()
+
+
+def test_every_public_name_is_documented(site):
+    anchors = set(re.findall(r'id="([^"]+)"', "".join(_pages(site).values())))
+    for package in ("jdoptim", "jdoptim.aggregation", "jdoptim.linalg", "jdoptim.scalarization"):
+        try:
+            module = importlib.import_module(package)
+        except ModuleNotFoundError:
+            continue
+        for name in module.__all__:
+            obj = getattr(module, name)
+            if isinstance(obj, types.ModuleType):
+                continue
+            documented = {f"{package}.{name}", f"{obj.__module__.split('._')[0]}.{name}"}
+            assert documented & anchors, f"{package}.{name} has no entry in the docs"
+
+
+def test_each_aggregation_method_has_its_own_page(site):
+    from jdoptim.aggregation import Aggregator, GramianWeightedAggregator, Weighting
+
+    module = importlib.import_module("jdoptim.aggregation")
+    pages = _pages(site)
+    for name in module.__all__:
+        cls = getattr(module, name)
+        if not inspect.isclass(cls) or inspect.isabstract(cls) or "_bases" in cls.__module__:
+            continue
+        assert issubclass(cls, Aggregator | Weighting), name
+        slug = name.removesuffix("Weighting").lower()
+        page = pages.get(f"_generated/aggregation/{slug}.html")
+        assert page is not None, f"no page for {name}"
+        assert f'id="jdoptim.aggregation.{name}"' in page, name
+        if issubclass(cls, Aggregator):
+            gramian = issubclass(cls, GramianWeightedAggregator)
+            assert ("Gramian only" in page) == gramian, name
+            for parameter in list(inspect.signature(cls).parameters):
+                assert f"{parameter}" in page, (name, parameter)
+
+
+def test_math_renders_offline(site):
+    pages = _pages(site)
+    assert (site / "html" / "_static" / "mathjax" / "tex-svg-full.js").stat().st_size > 1e6
+    with_math = [name for name, text in pages.items() if 'class="math' in text]
+    assert "index.html" in with_math and len(with_math) > 20
+    for name in with_math:
+        assert "_static/mathjax/tex-svg-full.js" in pages[name], name
+    for name, text in pages.items():
+        remote = re.findall(r'<(?:script|link)[^>]+(?:src|href)="(?:https?:)?//[^"]+"', text)
+        assert not remote, (name, remote)
+
+
+def test_no_tex_inside_code_literals(site):
+    for name, text in _pages(site).items():
+        for literal in LITERAL.findall(text):
+            code = html.unescape(re.sub(r"<[^>]+>", "", literal))
+            assert not TEX.search(code), f"{name}: TeX inside a code literal: {code!r}"
+
+
+def test_gallery_runs_the_examples_with_their_figures(site):
+    examples = sorted(p.stem for p in (ROOT / "examples").glob("plot_*.py"))
+    assert examples
+    for stem in examples:
+        page = (site / "html" / "auto_examples" / f"{stem}.html").read_text()
+        figures = re.findall(rf'src="\.\./_images/(sphx_glr_{stem}_\d+\.png)"', page)
+        assert figures, f"{stem} shows no figure"
+        assert all((site / "html" / "_images" / f).stat().st_size > 1000 for f in figures)
+
+
+def test_performance_page_draws_the_benchmark_figures(site):
+    page = (site / "html" / "performance.html").read_text()
+    figures = re.findall(r'src="(_images/benchmark_plots_\w+\.png)"', page)
+    assert sorted(figures) == [
+        "_images/benchmark_plots_aggregators.png",
+        "_images/benchmark_plots_steps.png",
+        "_images/benchmark_plots_weighting.png",
+    ]
+    assert all((site / "html" / f).stat().st_size > 5000 for f in figures)
+
+
+def test_getting_started_runs_the_readme_python_blocks_in_order():
     readme = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.DOTALL)
-    usage = (DOCS / "usage.rst").read_text()
-    rst_blocks = re.findall(
-        r"\.\. code-block:: python\n\n((?:(?:   .*)?\n)+)", usage + "\n", flags=re.MULTILINE
+    page = (DOCS / "getting_started.rst").read_text() + "\n"
+    blocks = re.findall(r"^\.\. testcode::\n\n((?:(?:   .*)?\n)+)", page, flags=re.MULTILINE)
+    blocks = iter(textwrap.dedent(b).strip() for b in blocks)
+    for block in readme:  # a subsequence: the page may add blocks between the README's
+        assert block.strip() in blocks, block
+
+
+# The build-time helpers of docs/_ext, on inputs written here.
+
+
+@pytest.fixture
+def ext(monkeypatch):
+    monkeypatch.syspath_prepend(str(DOCS / "_ext"))
+    return importlib.import_module
+
+
+def test_benchmark_tables_read_titles_headers_and_cells(ext, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        "# Bench\n\n**mlp, B=4 (m=4)**\n\n| benchmark | median (ms) | vs plain |\n|---|---:|---:|\n"
+        "| `test_mlp_plain` | 1.50 | 1.0x |\n| `test_mlp_jd[UPGrad]` | 3.00 | 2.0x |\n\n"
+        "### Aggregators\n\n| aggregator | m = 2 | m = 128 |\n|---|---:|---:|\n"
+        "| UPGrad | 0.5 | 20.25 |\n| Krum | - | 4 |\n"
     )
-    rst_blocks = [textwrap.dedent(b).strip() for b in rst_blocks]
-    assert rst_blocks == [b.strip() for b in readme]
+    tables = ext("benchmark_tables")
+    steps = tables.step_tables(readme)
+    assert [t.title for t in steps] == ["mlp, B=4 (m=4)"]
+    assert steps[0].column("benchmark") == ["test_mlp_plain", "test_mlp_jd[UPGrad]"]
+    assert [tables.parse_float(c) for c in steps[0].column("vs plain")] == [1.0, 2.0]
+    ms, times = tables.aggregator_times(readme)
+    assert ms == [2, 128]
+    assert times == {"UPGrad": [0.5, 20.25], "Krum": [None, 4.0]}
+    readme.write_text("# Nothing measured\n")
+    with pytest.raises(ValueError, match="aggregator"):
+        tables.aggregator_times(readme)
+    with pytest.raises(ValueError, match="step table"):
+        tables.step_tables(readme)
+
+
+def test_scalarizer_pages_follow_the_package(ext, monkeypatch):
+    pages = ext("jdoptim_pages")
+    fake = types.ModuleType("jdoptim.scalarization")
+
+    class Chebyshev:
+        """The weighted maximum of the losses.
+
+        More text.
+        """
+
+        def __init__(self, weights, p: float = 2.0) -> None: ...
+
+    def helper() -> None:
+        """A function."""
+
+    fake.Chebyshev, fake.helper, fake.__all__ = Chebyshev, helper, ["Chebyshev", "helper"]
+    monkeypatch.setitem(sys.modules, "jdoptim.scalarization", fake)
+    generated = pages.scalarization_pages()
+    assert sorted(generated) == ["scalarization/chebyshev", "scalarization/index"]
+    page = generated["scalarization/chebyshev"]
+    assert ".. autoclass:: Chebyshev" in page and "The weighted maximum of the losses." in page
+    assert "``weights`` (required), ``p=2.0``" in page
+    assert ".. autofunction:: helper" in generated["scalarization/index"]
+    monkeypatch.setitem(sys.modules, "jdoptim.scalarization", None)  # import fails: no pages
+    assert pages.scalarization_pages() == {}
+
+
+def test_tex_literals_become_math_and_plain_code_stays(ext):
+    convert = ext("tex_literals").convert
+    assert convert("see ``x >= 0`` here") == "see ``x >= 0`` here"
+    assert convert("so ``Jᵀλ^{(i)}`` is") == r"so :math:`J^\top λ^{(i)}` is"
+    assert convert("``ρ = max{j : u_{j} > 0}``") == r":math:`ρ = \max\{j : u_{j} > 0\}`"
+    assert convert("``‖d‖ <= max_norm\n · \\sqrt{wᵀGw}``") == (
+        r":math:`\|d\| \le  \texttt{max\_norm} · \sqrt{w^\top Gw}`"
+    )
+    assert convert(r"``\operatorname{diag}(A)^{1/2}``") == r":math:`\operatorname{diag}(A)^{1/2}`"
