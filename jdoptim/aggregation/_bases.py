@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from jdoptim.linalg import gramian
+
 __all__ = [
     "Aggregator",
     "GramianWeightedAggregator",
@@ -148,4 +150,9 @@ class GramianWeightedAggregator(WeightedAggregator):
         return self.weighting(gramian)
 
     def weights(self, matrix: Tensor) -> Tensor:
-        return self.weighting(matrix @ matrix.T)
+        """Return ``W(J Jᵀ)`` in ``matrix``'s dtype; the Gramian is formed in float64.
+
+        :func:`jdoptim.linalg.gramian` neither overflows nor underflows for any finite float32,
+        float16 or bfloat16 ``J`` (entries near ``1e19`` or ``1e-23`` in float32 included).
+        """
+        return self.weighting(gramian(matrix)).to(matrix.dtype)

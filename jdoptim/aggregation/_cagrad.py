@@ -10,22 +10,60 @@ import torch
 from torch import Tensor
 
 from jdoptim.aggregation._bases import GramianWeightedAggregator, Weighting, check_gramian
-from jdoptim.linalg._dual_cone import _nnls, _range_factor
+from jdoptim.linalg._dual_cone import _nnls
+
+
+def _hildreth(b: np.ndarray, y0: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Multipliers of ``argmin {‖y - y0‖ : B y >= t}`` by Hildreth's dual coordinate descent.
+
+    For unit rows of ``B`` and a polyhedron with an interior point: cyclic exact minimisation of
+    the dual ``½‖Bᵀμ‖² + μᵀ(B y0 - t)`` over each ``μ_i >= 0``, which converges to the projection
+    whatever the degeneracy (duplicated or opposite rows, where quadprog can fail). Its active set
+    is then polished: the equality-constrained projection on it, kept when it is a KKT point.
+    """
+    mu = np.zeros(b.shape[0])
+    y = y0.copy()
+    tol = 64.0 * np.finfo(np.float64).eps * (1.0 + np.abs(t).max() + float(np.linalg.norm(y0)))
+    for _ in range(2000):
+        largest = 0.0
+        for i in range(b.shape[0]):
+            step = max(-mu[i], t[i] - float(b[i] @ y))  # exact 1-D minimiser, clipped at μ_i >= 0
+            if step != 0.0:
+                mu[i] += step
+                y += step * b[i]
+                largest = max(largest, abs(step))
+        if largest <= tol:
+            break
+    active = mu > 0.0
+    exact = np.zeros_like(mu)
+    rows = b[active]
+    exact[active] = np.linalg.lstsq(rows @ rows.T, t[active] - rows @ y0, rcond=None)[0]
+    if np.all(exact >= 0.0) and np.all(b @ (y0 + b.T @ exact) >= t - tol):
+        return exact
+    return mu
 
 
 def _project(b: np.ndarray, y0: np.ndarray, t: float) -> tuple[np.ndarray, float] | None:
-    """Multipliers ``μ >= 0`` and distance of ``argmin {‖y - y0‖ : B y >= t}`` (``None``: empty)."""
+    """Multipliers ``μ >= 0`` and distance of ``argmin {‖y - y0‖ : B y >= t}`` (``None``: empty).
+
+    The rows are normalised first (``b_iᵀy >= t`` is ``(b_i/‖b_i‖)ᵀy >= t/‖b_i‖``): quadprog's
+    tolerances are absolute, so a row 1e9 times shorter than the others made it declare the
+    constraints inconsistent. When quadprog still fails on a polyhedron that is not empty:
+    ``t = 0``, the projection onto the dual cone, whose dual is the NNLS
+    ``min_{μ >= 0} ‖Bᵀμ + y0‖`` (exact active-set method); ``t < 0`` (0 is an interior point),
+    Hildreth's method.
+    """
     if np.all(b @ y0 >= t):
         return np.zeros(b.shape[0]), 0.0
+    norms = np.linalg.norm(b, axis=1)
+    unit, bounds = b / norms[:, None], t / norms
     try:
-        mu = quadprog.solve_qp(np.eye(b.shape[1]), y0, b.T, np.full(b.shape[0], t))[4]
+        unit_mu = quadprog.solve_qp(np.eye(b.shape[1]), y0, unit.T, bounds)[4]
     except ValueError:
-        if t != 0.0:
+        if t > 0.0:
             return None  # quadprog: "constraints are inconsistent"
-        # {B y >= 0} holds 0 and is never empty: only a degenerate vertex fails (rows g and -g).
-        # Its dual is the NNLS min_{μ >= 0} ‖Bᵀμ + y0‖, which has no such failure.
-        mu = _nnls(b.T, -y0)
-    return mu, float(np.linalg.norm(b.T @ mu))
+        unit_mu = _nnls(unit.T, -y0) if t == 0.0 else _hildreth(unit, y0, bounds)
+    return unit_mu / norms, float(np.linalg.norm(unit.T @ unit_mu))
 
 
 def _project_above_zero(
@@ -33,41 +71,58 @@ def _project_above_zero(
 ) -> tuple[np.ndarray, float] | None:
     """:func:`_project` for ``t > 0``, ``None`` when ``0`` is numerically in the hull of the rows.
 
-    ``{B y >= t}`` with ``t > 0`` is empty when ``0`` is in the hull. At a solution, ``μ / Σμ``
-    are hull weights whose point ``Bᵀμ / Σμ`` has norm ``D(t) / Σμ``: when it is shorter than
-    ``hull_tol`` (normalised rows), the constraints were made feasible only by rounding (a
-    direction of ``B`` that is noise of the Gramian), with multipliers so large that ``Jᵀw`` would
-    be a cancellation of huge terms. Then ``t^* <= 0``.
+    ``{B y >= t}`` with ``t > 0`` is empty when ``0`` is in the hull. At a solution, with the
+    multipliers ``ν_i = μ_i ‖b_i‖`` of the unit rows, ``ν / Σν`` are hull weights of the *unit*
+    rows whose point has norm ``D(t) / Σν``: when it is shorter than ``hull_tol``, the
+    constraints were made feasible only by rounding (a direction that is noise of the Gramian),
+    with multipliers so large that ``Jᵀw`` would be a cancellation of huge terms. Then
+    ``t^* <= 0``. (0 is in the hull of the rows exactly when it is in the hull of the unit rows,
+    so the test does not depend on the rows' norms.)
     """
     solution = _project(b, y0, t)
     if solution is not None:
         mu, distance = solution
-        total = float(mu.sum())
+        total = float((mu * np.linalg.norm(b, axis=1)).sum())
         if total > 0.0 and distance <= hull_tol * total:
             return None
     return solution
+
+
+def _unit_range_factor(g: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(B, norms)``: the non-zero rows of ``J``, in an orthonormal basis of their span.
+
+    ``B = diag(norms) B̂`` where ``B̂ B̂ᵀ`` is the Gramian of the unit rows on its numerical range
+    (eigenvalues above ``eps · λ_max`` of the *scaled* Gramian, whose diagonal is 1): the rank is
+    judged after the diagonal scaling, so a row 1e-16 times shorter than the others keeps its
+    direction instead of falling below the rounding of the largest eigenvalue.
+    """
+    norms = np.sqrt(np.diag(g))
+    scaled = g / np.outer(norms, norms)
+    eigenvalues, eigenvectors = np.linalg.eigh((scaled + scaled.T) / 2)
+    keep = eigenvalues > eigenvalues[-1] * eps
+    return norms[:, None] * eigenvectors[:, keep] * np.sqrt(eigenvalues[keep]), norms
 
 
 def _cagrad_weights(g: np.ndarray, c: float, norm_eps: float, eps: float) -> np.ndarray:
     """CAGrad's weights for a float64 Gramian ``g`` whose largest diagonal entry is 1."""
     m = g.shape[0]
     p = np.full(m, 1.0 / m)
-    b = _range_factor(g, eps)  # rows of J in an orthonormal basis of their span
-    y0 = b.T @ p  # g_0
+    nonzero = np.diag(g) > 0.0  # exactly zero rows only: no absolute threshold on the norms
+    b, row_norms = _unit_range_factor(g[np.ix_(nonzero, nonzero)], eps)
+    y0 = b.T @ p[nonzero]  # g_0 in the orthonormal coordinates of the span of the rows
     rho = c * float(np.linalg.norm(y0))  # the radius c ‖g_0‖
     if b.shape[1] == 0 or rho <= c * norm_eps:  # ‖g_0‖ <= norm_eps · max_i ‖g_i‖ (= 1)
         return p
     alignments = b @ y0
-    row_norms = np.linalg.norm(b, axis=1)
-    nonzero = row_norms > m * eps
     # t* = max {t : D(t) <= ρ}, D(t) = dist(g_0, {y : B y >= t}), lies in [lower, upper].
     lower = float(alignments.min())
     upper = float((alignments + rho * row_norms).min())
     if not nonzero.all():
         upper = min(upper, 0.0)  # a zero row caps min_i ⟨g_i, d⟩ at 0
-    b, alignments = b[nonzero], alignments[nonzero]
-    # A hull point shorter than this cannot be told from 0 with a Gramian rounded in the dtype:
-    # its eigenvalues below ~m·eps·λ_max (singular values below sqrt(m·eps)) are noise.
+        lower = min(lower, 0.0)
+    # A hull point of the unit rows shorter than this cannot be told from 0 with a Gramian
+    # rounded in the dtype: its eigenvalues below ~m·eps (singular values below sqrt(m·eps)) are
+    # noise.
     hull_tol = math.sqrt(10.0 * m * eps)
     t = upper
     solution = _project_above_zero(b, y0, t, hull_tol) if t > 0.0 else _project(b, y0, t)

@@ -41,16 +41,18 @@ class PCDWeighting(Weighting):
     The normalisers ``ν_j = \sqrt{\hat v_j}`` come from the bias-corrected EMA ``v_j ← β v_j +
     (1 - β) G_jj``, floored at ``eps · max_k ν_k`` (a relative floor; rows never seen non-zero
     get ``1/ν_j = 0``). With ``\tilde G = N^{-1} G N^{-1}``, the multipliers ``μ`` of the QP are
-    computed in the range of ``\tilde G`` by quadprog, and ``w = N^{-1}(e_0 + μ)``. If the
-    constraints are infeasible for ``τ`` (``0`` in the convex hull of the secondaries), ``τ = 0``
-    is used (always feasible).
+    computed in the range of ``\tilde G`` by quadprog, and ``w ∝ N^{-1}(e_0 + μ)``, scaled so
+    that ``‖Jᵀw‖ = ‖g_1‖`` (the primary gradient's norm, as in the paper's Algorithm 1). If the
+    constraints are infeasible for ``τ`` (e.g. ``0`` in the convex hull of the secondaries), the
+    step is the primary gradient ``g_1`` itself (``w = e_0``), as in the authors' code.
 
     Examples
     --------
     >>> import torch
     >>> J = torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=torch.float64)
-    >>> PCDWeighting(tau=0.5)(J @ J.T)  # ν = (1, √2), μ = τ - g̃_2ᵀg̃_1 = 0.5 + 1/√2
-    tensor([1.0000, 0.8536], dtype=torch.float64)
+    >>> w = PCDWeighting(tau=0.5)(J @ J.T)  # ν = (1, √2), μ = τ - g̃_2ᵀg̃_1 = 0.5 + 1/√2
+    >>> w  # (1, μ/√2), rescaled so that ‖Jᵀw‖ = ‖g_1‖ = 1
+    tensor([1.1547, 0.9856], dtype=torch.float64)
     """
 
     def __init__(self, tau: float = 0.02, beta: float = 0.999, eps: float = 1e-8) -> None:
@@ -77,7 +79,11 @@ class PCDWeighting(Weighting):
         norms = (self._ema / (1.0 - self.beta**self._step)).sqrt()
         norms = norms.clamp(min=self.eps * float(norms.max()))
         inverse = torch.where(norms > 0, 1.0 / norms.where(norms > 0, 1.0), 0.0).to(g.device)
-        multipliers = torch.zeros(m, dtype=torch.float64)
+        primary_norm = float(diagonal[0].sqrt()) if m > 0 else 0.0
+        weights = torch.zeros(m, dtype=torch.float64)
+        if m == 0 or primary_norm == 0.0:
+            return weights.to(device=gramian.device, dtype=gramian.dtype)
+        weights[0] = 1.0 / primary_norm  # the fallback: g_1 itself once rescaled to ‖g_1‖
         eigenvalues, eigenvectors = kept_spectrum(
             inverse[:, None] * g * inverse[None, :], torch.finfo(gramian.dtype).eps
         )
@@ -85,12 +91,15 @@ class PCDWeighting(Weighting):
             factor = (eigenvectors * eigenvalues.sqrt()).cpu().numpy()
             bounds = self.tau * (factor[1:] ** 2).sum(axis=1)
             mu = _multipliers(factor, bounds)
-            if mu is None:
-                mu = _multipliers(factor, np.zeros_like(bounds))
-            if mu is not None:
+            if mu is not None:  # d* = g̃_1 + Σ μ_j g̃_j; infeasible: the step is g_1
+                multipliers = torch.zeros(m, dtype=torch.float64)
+                multipliers[0] = 1.0
                 multipliers[1:] = torch.from_numpy(mu)
-        multipliers[0] = 1.0
-        return (inverse * multipliers.to(g.device)).to(gramian.dtype)
+                weights = inverse.cpu() * multipliers
+        # ‖Jᵀw‖² = wᵀGw; the direction is rescaled to the primary gradient's norm ‖g_1‖.
+        norm = abs(float(weights @ g.cpu() @ weights)) ** 0.5
+        weights = weights * (primary_norm / norm) if norm > 0.0 else torch.zeros_like(weights)
+        return weights.to(device=gramian.device, dtype=gramian.dtype)
 
     def state_dict(self) -> dict[str, Any]:
         ema = None if self._ema is None else self._ema.clone()
@@ -125,15 +134,21 @@ class PCD(GramianWeightedAggregator):
 
     .. math::
 
-        \mathcal A(J) = \operatorname*{argmin}_{d}\ \lVert d - \tilde g_0 \rVert^2
+        d^* = \operatorname*{argmin}_{d}\ \lVert d - \tilde g_0 \rVert^2
         \ \text{ s.t. }\ \tilde g_jᵀ d \ge τ \lVert \tilde g_j \rVert^2\ (j \ge 1)
-        \;=\; \tilde g_0 + Σ_{j \ge 1} μ_j \tilde g_j, \quad μ \ge 0.
+        \;=\; \tilde g_0 + Σ_{j \ge 1} μ_j \tilde g_j, \quad μ \ge 0, \qquad
+        \mathcal A(J) = \lVert g_0 \rVert \frac{d^*}{\lVert d^* \rVert}.
 
-    Properties: stateful (the EMA and its step count), Gramian-only, deterministic. Scale-free
-    (``A(sJ) = A(J)`` given the same state history): not positively homogeneous. Not permutation
-    invariant (row 0 is special). Secondary rows are never conflicted with (``\tilde g_jᵀd >= τ
-    ‖\tilde g_j‖² >= 0``); the primary one can be, when the secondaries demand it. ``eps`` is a
-    relative floor of the normalisers (no absolute epsilon).
+    As in the paper's Algorithm 1 and the authors' code, the direction is rescaled to the norm
+    of the (raw) primary gradient ``g_0``, and when the constraints are infeasible for ``τ`` the
+    step is ``g_0`` itself.
+
+    Properties: stateful (the EMA and its step count), Gramian-only, deterministic. Positively
+    homogeneous given the same state history (the direction is scale-free, the length is
+    ``‖g_0‖``). Not permutation invariant (row 0 is special). When the constraints are feasible,
+    secondary rows are never conflicted with (``\tilde g_jᵀd >= τ ‖\tilde g_j‖² >= 0``); the
+    primary one can be, when the secondaries demand it. ``eps`` is a relative floor of the
+    normalisers (no absolute epsilon).
 
     Parameters
     ----------
@@ -150,10 +165,10 @@ class PCD(GramianWeightedAggregator):
     >>> from jdoptim.aggregation import PCD
     >>> J = torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=torch.float64)
     >>> d = PCD(tau=0.5)(J)
-    >>> d
-    tensor([0.1464, 0.8536], dtype=torch.float64)
-    >>> round(float(J[1] @ d / J[1].norm()), 12)  # g̃_2ᵀ d = τ ‖g̃_2‖² = 0.5
-    0.5
+    >>> d  # d* = (0.1464, 0.8536), rescaled to ‖g_0‖ = 1
+    tensor([0.1691, 0.9856], dtype=torch.float64)
+    >>> round(float(J[1] @ d / (J[1].norm() * d.norm())), 4)  # cosine with g_1: 0.5 / ‖d*‖
+    0.5774
     """
 
     def __init__(self, tau: float = 0.02, beta: float = 0.999, eps: float = 1e-8) -> None:

@@ -1,15 +1,17 @@
-"""``AGGREGATORS_UNDER_TEST``: every aggregator with the properties its docstring claims.
+"""``AGGREGATORS_UNDER_TEST``: configurations of every method, with the properties it claims.
 
-Adding a method is one line: an :class:`Entry` with a factory ``m -> Aggregator`` (``m`` is the
-number of rows of the matrices it will see, for methods whose arguments depend on it) and the
-flags of the properties that its docstring states. ``tests/aggregation/test_battery.py`` runs
-every entry through the shared battery (shapes, dtypes, edge cases, and each claimed property).
+The properties come from the package's claims table (``jdoptim/aggregation/_claims.py``, which
+the documentation also reads); this file adds only what is test-specific: a factory
+``m -> Aggregator`` (``m`` is the number of rows of the matrices it will see, for methods whose
+arguments depend on it), tolerances, and the claims that change with the hyper-parameters chosen
+here. ``tests/aggregation/test_battery.py`` runs every entry through the shared battery (shapes,
+dtypes, edge cases, and each claimed property).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -41,11 +43,16 @@ from jdoptim.aggregation import (
     TrimmedMean,
     UPGrad,
 )
+from jdoptim.aggregation._claims import Claims, claims_of
 
 
 @dataclass(frozen=True)
 class Entry:
-    """One aggregator under test and the properties it claims.
+    """One configuration under test: the method's :class:`Claims` and the test-only knobs.
+
+    ``claims`` is the package's table entry (``jdoptim/aggregation/_claims.py``), adjusted only
+    where this configuration's hyper-parameters differ from the defaults and the entry's
+    ``conditions`` say the property changes (e.g. CAGrad with ``c >= 1`` is non-conflicting).
 
     ``conflict_tol`` is the allowed conflict ``min_i (J A(J))_i`` in units of ``max_i ‖J_i‖²``
     on top of the rounding allowance of the dtype (a method that stops early, such as MGDA's
@@ -53,25 +60,53 @@ class Entry:
     (homogeneity, permutation invariance) for methods that are exact only up to their stopping
     rule. ``solves_on_gramian`` marks methods that solve a problem on ``G = J Jᵀ`` (condition
     number ``κ(J)²``): they are compared up to ``sqrt(m · eps)``, the order of the singular values
-    that rounding erases from a Gramian (``project_weights_quadprog`` drops eigenvalues below
-    ``eps · λ_max``), with a ``sqrt(m)`` margin.
+    that rounding erases from a Gramian, with a ``sqrt(m)`` margin.
     """
 
     name: str
+    claims: Claims
     make: Callable[[int], Aggregator]
-    non_conflicting: bool = False
-    homogeneous: bool = False
-    permutation_invariant: bool = False
-    linear: bool = False
-    stateless: bool = True
-    deterministic: bool = True
     conflict_tol: float = 0.0
     rtol: float = 0.0
     solves_on_gramian: bool = False
     min_rows: int = 1  # fewer rows: the method must raise a ValueError
 
+    @property
+    def non_conflicting(self) -> bool:
+        return self.claims.non_conflicting
+
+    @property
+    def homogeneous(self) -> bool:
+        return self.claims.homogeneous
+
+    @property
+    def permutation_invariant(self) -> bool:
+        return self.claims.permutation_invariant
+
+    @property
+    def linear(self) -> bool:
+        return self.claims.linear
+
+    @property
+    def stateless(self) -> bool:
+        return self.claims.stateless
+
+    @property
+    def deterministic(self) -> bool:
+        return self.claims.deterministic
+
     def __str__(self) -> str:
         return self.name
+
+
+_KNOBS = {"conflict_tol", "rtol", "solves_on_gramian", "min_rows"}
+
+
+def entry(name: str, cls: type, make: Callable[[int], Aggregator], **kwargs) -> Entry:
+    """An :class:`Entry` for ``cls``: claim overrides and test knobs are told apart by name."""
+    knobs = {k: v for k, v in kwargs.items() if k in _KNOBS}
+    overrides = {k: v for k, v in kwargs.items() if k not in _KNOBS}
+    return Entry(name, replace(claims_of(cls), **overrides), make, **knobs)
 
 
 def _ramp(m: int) -> torch.Tensor:
@@ -80,139 +115,61 @@ def _ramp(m: int) -> torch.Tensor:
     return weights / weights.sum()
 
 
-# Flag bundles shared by several entries.
-SOLVER = {"non_conflicting": True, "homogeneous": True, "solves_on_gramian": True}
-LINEAR = {"homogeneous": True, "linear": True}
+# Test knobs shared by several entries.
+GRAMIAN = {"solves_on_gramian": True}
 # Frank–Wolfe stops when its step γ < ε: then min_t ⟨d, J_t⟩ > ‖d‖² - ε‖d - J_t‖² >= -4εR², and
 # its path (hence the update) is exact only up to that stopping rule.
 MGDA_DEFAULT = {"conflict_tol": 4 * 1e-3, "rtol": 1e-2}
+# A preference vector other than uniform: permutation invariance is claimed only without one.
+PREF = {"permutation_invariant": False}
 
 AGGREGATORS_UNDER_TEST: list[Entry] = [
-    Entry("UPGrad", lambda m: UPGrad(), permutation_invariant=True, **SOLVER),
-    Entry("UPGrad-pref", lambda m: UPGrad(_ramp(m)), **SOLVER),
-    Entry("DualProj", lambda m: DualProj(), permutation_invariant=True, **SOLVER),
-    Entry("DualProj-pref", lambda m: DualProj(_ramp(m)), **SOLVER),
-    Entry("MGDA", lambda m: MGDA(), permutation_invariant=True, **SOLVER, **MGDA_DEFAULT),
-    Entry("Mean", lambda m: Mean(), permutation_invariant=True, **LINEAR),
-    Entry("Sum", lambda m: Sum(), permutation_invariant=True, **LINEAR),
-    Entry("Constant", lambda m: Constant(_ramp(m) - 0.5 / m), **LINEAR),
-    Entry(
-        "Krum",
-        lambda m: Krum(max((m - 3) // 4, 0), max(m // 4, 1)),
-        homogeneous=True,
-        permutation_invariant=True,
-        min_rows=3,
-    ),
-    Entry(
-        "TrimmedMean",
-        lambda m: TrimmedMean((m - 1) // 4),
-        homogeneous=True,
-        permutation_invariant=True,
-    ),
-    Entry(
+    entry("UPGrad", UPGrad, lambda m: UPGrad(), **GRAMIAN),
+    entry("UPGrad-pref", UPGrad, lambda m: UPGrad(_ramp(m)), **PREF, **GRAMIAN),
+    entry("DualProj", DualProj, lambda m: DualProj(), **GRAMIAN),
+    entry("DualProj-pref", DualProj, lambda m: DualProj(_ramp(m)), **PREF, **GRAMIAN),
+    entry("MGDA", MGDA, lambda m: MGDA(), **GRAMIAN, **MGDA_DEFAULT),
+    entry("Mean", Mean, lambda m: Mean()),
+    entry("Sum", Sum, lambda m: Sum()),
+    entry("Constant", Constant, lambda m: Constant(_ramp(m) - 0.5 / m)),
+    entry("Krum", Krum, lambda m: Krum(max((m - 3) // 4, 0), max(m // 4, 1)), min_rows=3),
+    entry("TrimmedMean", TrimmedMean, lambda m: TrimmedMean((m - 1) // 4)),
+    entry(
         "CRMOGM-MGDA",
+        CRMOGMWeighting,
         lambda m: GramianWeightedAggregator(CRMOGMWeighting(MGDAWeighting())),
-        homogeneous=True,
-        permutation_invariant=True,
-        stateless=False,
         rtol=1e-2,
     ),
-    Entry(
-        "MoDo",
-        lambda m: GramianWeightedAggregator(MoDoWeighting()),
-        permutation_invariant=True,
-        stateless=False,
-    ),
-    Entry(
-        "SDMGrad",
-        lambda m: GramianWeightedAggregator(SDMGradWeighting()),
-        homogeneous=True,
-        permutation_invariant=True,
-        stateless=False,
-    ),
-    Entry(
-        "AlignedMTL",
-        lambda m: AlignedMTL(),
-        homogeneous=True,
-        permutation_invariant=True,
-        solves_on_gramian=True,
-    ),
-    Entry(
+    entry("MoDo", MoDoWeighting, lambda m: GramianWeightedAggregator(MoDoWeighting())),
+    entry("SDMGrad", SDMGradWeighting, lambda m: GramianWeightedAggregator(SDMGradWeighting())),
+    entry("AlignedMTL", AlignedMTL, lambda m: AlignedMTL(), **GRAMIAN),
+    entry(
         "AlignedMTL-pref-median",
+        AlignedMTL,
         lambda m: AlignedMTL(_ramp(m), scale_mode="median"),
-        homogeneous=True,
-        solves_on_gramian=True,
+        **PREF,
+        **GRAMIAN,
     ),
-    Entry(
-        "CAGrad",
-        lambda m: CAGrad(c=0.5),
-        homogeneous=True,
-        permutation_invariant=True,
-        solves_on_gramian=True,
-    ),
-    Entry("CAGrad-c1", lambda m: CAGrad(c=1.0), permutation_invariant=True, **SOLVER),
-    Entry(
-        "ConFIG",
-        lambda m: ConFIG(),
-        homogeneous=True,
-        permutation_invariant=True,
-        solves_on_gramian=True,
-    ),
-    Entry("ConFIG-pref", lambda m: ConFIG(_ramp(m)), homogeneous=True, solves_on_gramian=True),
-    Entry(
-        "ExcessMTL",
-        lambda m: ExcessMTL(),
-        homogeneous=True,
-        permutation_invariant=True,
-        stateless=False,
-    ),
-    Entry(
-        "FairGrad",
-        lambda m: FairGrad(alpha=1.0),
-        non_conflicting=True,
-        permutation_invariant=True,
-        solves_on_gramian=True,
-    ),
-    Entry(
-        "GradDrop",
-        lambda m: GradDrop(seed=0),
-        homogeneous=True,
-        stateless=False,
-        deterministic=False,
-    ),
-    Entry(
-        "GradVac",
-        lambda m: GradVac(seed=0),
-        homogeneous=True,
-        stateless=False,
-        deterministic=False,
-        solves_on_gramian=True,
-    ),
-    Entry(
-        "IMTLG",
-        lambda m: IMTLG(),
-        homogeneous=True,
-        permutation_invariant=True,
-        solves_on_gramian=True,
-    ),
-    Entry(
+    entry("CAGrad", CAGrad, lambda m: CAGrad(c=0.5), **GRAMIAN),
+    # c >= 1: non-conflicting (the claims' conditions).
+    entry("CAGrad-c1", CAGrad, lambda m: CAGrad(c=1.0), non_conflicting=True, **GRAMIAN),
+    entry("ConFIG", ConFIG, lambda m: ConFIG(), **GRAMIAN),
+    entry("ConFIG-pref", ConFIG, lambda m: ConFIG(_ramp(m)), **PREF, **GRAMIAN),
+    entry("ExcessMTL", ExcessMTL, lambda m: ExcessMTL()),
+    entry("FairGrad", FairGrad, lambda m: FairGrad(alpha=1.0), **GRAMIAN),
+    entry("GradDrop", GradDrop, lambda m: GradDrop(seed=0)),
+    entry("GradVac", GradVac, lambda m: GradVac(seed=0), **GRAMIAN),
+    entry("IMTLG", IMTLG, lambda m: IMTLG(), **GRAMIAN),
+    entry(
         "NashMTL",
+        NashMTL,
         lambda m: NashMTL(n_tasks=m, max_norm=0.0),
+        homogeneous=True,  # max_norm=0 (the claims' conditions)
         # optim_niter=20 Newton steps: exact only up to that stopping rule when 0 is in the hull.
         rtol=1e-2,
-        homogeneous=True,
-        permutation_invariant=True,
-        stateless=False,
-        solves_on_gramian=True,
+        **GRAMIAN,
     ),
-    Entry("PCD", lambda m: PCD(), stateless=False, solves_on_gramian=True),
-    Entry(
-        "PCGrad",
-        lambda m: PCGrad(seed=0),
-        homogeneous=True,
-        stateless=False,
-        deterministic=False,
-        solves_on_gramian=True,
-    ),
-    Entry("Random", lambda m: Random(seed=0), stateless=False, deterministic=False, **LINEAR),
+    entry("PCD", PCD, lambda m: PCD(), **GRAMIAN),
+    entry("PCGrad", PCGrad, lambda m: PCGrad(seed=0), **GRAMIAN),
+    entry("Random", Random, lambda m: Random(seed=0)),
 ]

@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from jdoptim.aggregation import GramianWeightedAggregator, WeightedAggregator
+from jdoptim.linalg import gramian
 from tests.aggregation._inputs import EDGE_CASES, SCALES, to_torch
 from tests.aggregation._strategies import (
     DEVICES,
@@ -172,9 +173,10 @@ def test_weighting_consistency(entry: Entry, base: np.ndarray, dtype: torch.dtyp
     update = aggregator(matrix)
     aggregator.reset()
     if isinstance(aggregator, GramianWeightedAggregator):
-        weights = aggregator.weighting(matrix @ matrix.T)
+        # weights() forms the Gramian in float64 (jdoptim.linalg.gramian) and casts back.
+        weights = aggregator.weighting(gramian(matrix)).to(dtype)
         aggregator.reset()
-        assert torch.equal(aggregator.weights_from_gramian(matrix @ matrix.T), weights)
+        assert torch.equal(aggregator.weights_from_gramian(gramian(matrix)).to(dtype), weights)
     else:
         weights = aggregator.weighting(matrix)
     assert weights.shape == (matrix.shape[0],)

@@ -220,3 +220,60 @@ def test_stateless_and_repr():
 def test_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         CAGrad(**kwargs)
+
+
+@pytest.mark.parametrize("c", [0.1, 0.5, 0.9, 1.0, 2.0])
+@pytest.mark.parametrize("small", [1e-16, 1e-9, 1e-4])
+def test_tiny_opposite_row(c, small):
+    """Regression (raised TypeError): ``J = [[-δ], [1]]``. In one dimension the ball is
+    ``[g_0 - r, g_0 + r]`` and ``min(-δd, d)`` is largest at the point of the ball nearest to 0:
+    ``d = max(1 - c, 0) g_0`` with ``g_0 = (1 - δ)/2``, whatever the size of ``δ``."""
+    matrix = torch.tensor([[-small], [1.0]], dtype=torch.float64)
+    expected = max(1.0 - c, 0.0) * (1.0 - small) / 2
+    update = CAGrad(c)(matrix)
+    assert abs(float(update) - expected) <= 1e-12
+
+
+def test_zero_in_hull_with_c_below_one_is_not_zero():
+    """12 × 300, rows ``g_1 = g_0`` and ``g_2 = -g_0/2`` (``g_0`` the mean of all 12 rows, so 0 is
+    in their hull) and 10 Gaussian rows, ``c = 0.5``.
+
+    The paper's problem is ``max min_i ⟨g_i, d⟩`` over the ball ``‖d - g_0‖ <= c ‖g_0‖``: ``d = 0``
+    is outside it for ``c < 1`` (``‖0 - g_0‖ = ‖g_0‖``), so an implementation that returns 0 when 0
+    is in the hull (as the peer was measured to) does not solve it. Ours lies in the ball and
+    reaches the dual optimum ``F(w*)`` (scipy, independent), which is negative here: every
+    feasible ``d`` conflicts with ``g_1`` or ``g_2`` (``⟨g_1, d⟩ = -2⟨g_2, d⟩``, and
+    ``⟨g_0, d⟩ >= (1 - c)‖g_0‖² > 0`` in the ball)."""
+    rows = np.random.default_rng(11).normal(size=(10, 300))
+    g0 = rows.sum(axis=0) / 11.5  # then the mean of [g0, -g0/2, rows] is g0
+    matrix = np.vstack([g0, -0.5 * g0, rows])
+    np.testing.assert_allclose(matrix.mean(axis=0), g0, atol=1e-14)
+    c = 0.5
+    radius = c * np.linalg.norm(g0)
+    _, value = solve_dual(matrix, c)
+    update = CAGrad(c)(torch.from_numpy(matrix)).numpy()
+    assert np.linalg.norm(update - g0) <= radius * (1 + 1e-12)
+    assert np.linalg.norm(update) >= (1 - c) * np.linalg.norm(g0) * (1 - 1e-12)  # not 0
+    scale = np.linalg.norm(matrix, axis=1).max() ** 2
+    assert abs(float((matrix @ update).min()) - value) <= 1e-9 * scale
+    assert value < -0.01 * scale
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_hildreth_projection_matches_quadprog(seed):
+    """The fallback projection onto ``{y : B y >= t}`` (``t < 0``: 0 is interior), against
+    quadprog on well-conditioned instances, including duplicated and opposite unit rows."""
+    import quadprog
+
+    from jdoptim.aggregation._cagrad import _hildreth
+
+    rng = np.random.default_rng(seed)
+    rows = rng.normal(size=(6, 4))
+    rows = np.vstack([rows, rows[:1], -rows[1:2]])
+    unit = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    y0 = 3.0 * rng.normal(size=4)
+    bounds = -rng.uniform(0.1, 1.0, size=8)
+    expected = quadprog.solve_qp(np.eye(4), y0, unit.T, bounds)[0]
+    mu = _hildreth(unit, y0, bounds)
+    assert np.all(mu >= 0.0)
+    np.testing.assert_allclose(y0 + unit.T @ mu, expected, atol=1e-10)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from jdoptim.aggregation import DualProj, DualProjWeighting, Mean, UPGrad, UPGradWeighting
+from jdoptim.linalg import gramian as linalg_gramian
 from jdoptim.linalg import project_weights
 from tests.aggregation import _inputs, _oracles
 from tests.aggregation._inputs import to_torch
@@ -105,7 +106,7 @@ def test_project_weights_kkt_and_nnls(name, matrix):
 
 def test_weightings_match_aggregators():
     matrix = to_torch(_inputs.conflicting(6, 5, 13))
-    gramian = matrix @ matrix.T
+    gramian = linalg_gramian(matrix)  # the float64 Gramian that weights() forms
     assert torch.equal(UPGradWeighting()(gramian) @ matrix, UPGrad()(matrix))
     assert torch.equal(DualProjWeighting()(gramian) @ matrix, DualProj()(matrix))
     assert bool((UPGradWeighting()(gramian) >= 1 / 6).all())  # w >= p, the docstring's claim

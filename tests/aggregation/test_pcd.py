@@ -1,4 +1,9 @@
-"""PCD against scipy on its quadratic program, its EMA normaliser and its state."""
+"""PCD against scipy on its quadratic program, its EMA normaliser and its state.
+
+Varam & AlHajri 2026 (arXiv 2606.29521), Algorithm 1: ``d*`` is the projection of the normalised
+primary gradient onto ``{d : g̃_jᵀd >= τ‖g̃_j‖²}``, the step is ``d*`` rescaled to ``‖g_1‖`` (the
+raw primary gradient's norm), and ``g_1`` itself when the constraints are infeasible.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ def normalised(matrices: list[np.ndarray], beta: float) -> np.ndarray:
     return matrices[-1] / np.sqrt(ema / (1 - beta ** len(matrices)))[:, None]
 
 
-def scipy_pcd(rows: np.ndarray, tau: float) -> np.ndarray:
+def scipy_direction(rows: np.ndarray, tau: float) -> np.ndarray:
     """``argmin ‖d - g̃_0‖²`` s.t. ``g̃_jᵀd >= τ‖g̃_j‖²`` by SLSQP."""
     constraints = [
         {"type": "ineq", "fun": lambda d, j=j: rows[j] @ d - tau * rows[j] @ rows[j]}
@@ -36,6 +41,12 @@ def scipy_pcd(rows: np.ndarray, tau: float) -> np.ndarray:
     return result.x
 
 
+def scipy_pcd(matrices: list[np.ndarray], tau: float, beta: float) -> np.ndarray:
+    """The paper's step: the direction rescaled to the norm of the last primary gradient."""
+    direction = scipy_direction(normalised(matrices, beta), tau)
+    return direction * np.linalg.norm(matrices[-1][0]) / np.linalg.norm(direction)
+
+
 @pytest.mark.parametrize("tau", [0.0, 0.02, 0.3, 1.0])
 @pytest.mark.parametrize(("m", "seed"), [(2, 0), (3, 1), (5, 2), (6, 3)])
 def test_matches_scipy_after_several_steps(tau, m, seed):
@@ -43,34 +54,43 @@ def test_matches_scipy_after_several_steps(tau, m, seed):
     aggregator = PCD(tau=tau, beta=0.9)
     for matrix in matrices:
         update = aggregator(torch.from_numpy(matrix)).numpy()
-    expected = scipy_pcd(normalised(matrices, 0.9), tau)
-    np.testing.assert_allclose(update, expected, atol=1e-6)
+    expected = scipy_pcd(matrices, tau, 0.9)
+    np.testing.assert_allclose(update, expected, atol=1e-6 * np.linalg.norm(expected))
 
 
 def test_two_tasks_closed_form():
     g1, g2 = np.array([1.0, 0.5, 0.0]), np.array([-2.0, 0.0, 1.0])
     update = PCD(tau=0.3)(torch.tensor(np.stack([g1, g2]))).numpy()
     n1, n2 = g1 / np.linalg.norm(g1), g2 / np.linalg.norm(g2)  # first step: unit norms
-    np.testing.assert_allclose(update, n1 + (0.3 - n2 @ n1) * n2, atol=1e-12)
+    direction = n1 + (0.3 - n2 @ n1) * n2  # the paper's closed form for K = 2
+    expected = np.linalg.norm(g1) * direction / np.linalg.norm(direction)
+    np.testing.assert_allclose(update, expected, atol=1e-12)
 
 
-def test_infeasible_tau_falls_back_to_zero():
-    rows = torch.tensor([[1.0, 1.0], [0.0, 1.0], [0.0, -1.0]], dtype=torch.float64)
-    update = PCD(tau=0.5)(rows).numpy()
-    np.testing.assert_allclose(
-        update, scipy_pcd(rows.numpy() / np.sqrt([2, 1, 1])[:, None], 0.0), atol=1e-8
-    )
+@pytest.mark.parametrize("tau", [0.0, 0.5])
+def test_infeasible_constraints_fall_back_to_the_primary_gradient(tau):
+    """Opposite secondaries: ``g̃_2ᵀd >= τ`` and ``-g̃_2ᵀd >= τ`` cannot both hold for ``τ > 0``;
+    the step is then ``g_1`` (it used to solve again with ``τ = 0``). With ``τ = 0`` the problem
+    is feasible and the direction is the projection, rescaled to ``‖g_1‖``."""
+    rows = np.array([[3.0, 1.0], [0.0, 1.0], [0.0, -1.0]])
+    update = PCD(tau=tau)(torch.from_numpy(rows)).numpy()
+    if tau > 0:
+        np.testing.assert_allclose(update, rows[0], atol=1e-12)
+    else:
+        np.testing.assert_allclose(update, np.array([np.linalg.norm(rows[0]), 0.0]), atol=1e-8)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_scale_free_and_edge_cases(dtype):
     matrix = torch.from_numpy(random(4, 5, 7)).to(dtype)
     base = PCD()(matrix).double()
-    for s in [1e-8, 1e8]:
-        torch.testing.assert_close(PCD()(matrix * s).double(), base, rtol=1e-4, atol=1e-4)
+    for s in [1e-30, 1e-8, 1e8, 1e30]:  # positively homogeneous: direction scale-free, length ‖g_1‖
+        torch.testing.assert_close(PCD()(matrix * s).double() / s, base, rtol=1e-5, atol=0)
     assert torch.equal(PCD()(torch.zeros(3, 4, dtype=dtype)), torch.zeros(4, dtype=dtype))
     one = torch.tensor([[3.0, 4.0]], dtype=dtype)
-    torch.testing.assert_close(PCD()(one), one[0] / 5)
+    torch.testing.assert_close(PCD()(one), one[0])
+    zero_primary = torch.tensor([[0.0, 0.0], [1.0, 2.0]], dtype=dtype)  # ‖g_1‖ = 0: no step
+    assert torch.equal(PCD()(zero_primary), torch.zeros(2, dtype=dtype))
 
 
 def test_state_round_trip_reset_and_strict_loading():
