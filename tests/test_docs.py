@@ -105,6 +105,7 @@ def test_every_public_name_is_documented(site):
 
 def test_each_aggregation_method_has_its_own_page(site):
     from jdoptim.aggregation import Aggregator, GramianWeightedAggregator, Weighting
+    from jdoptim.aggregation._claims import claims_of
 
     module = importlib.import_module("jdoptim.aggregation")
     pages = _pages(site)
@@ -113,15 +114,32 @@ def test_each_aggregation_method_has_its_own_page(site):
         if not inspect.isclass(cls) or inspect.isabstract(cls) or "_bases" in cls.__module__:
             continue
         assert issubclass(cls, Aggregator | Weighting), name
-        slug = name.removesuffix("Weighting").lower()
-        page = pages.get(f"_generated/aggregation/{slug}.html")
+        claims = claims_of(cls)
+        page = pages.get(
+            f"_generated/aggregation/{re.sub(r'[^a-z0-9]', '', claims.name.lower())}.html"
+        )
         assert page is not None, f"no page for {name}"
         assert f'id="jdoptim.aggregation.{name}"' in page, name
-        if issubclass(cls, Aggregator):
-            gramian = issubclass(cls, GramianWeightedAggregator)
-            assert ("Gramian only" in page) == gramian, name
-            for parameter in list(inspect.signature(cls).parameters):
-                assert f"{parameter}" in page, (name, parameter)
+        assert claims.paper is None or claims.paper.url in page, name
+        if issubclass(cls, Aggregator):  # the page's cost agrees with the class hierarchy
+            assert ("Gramian only" in page) == issubclass(cls, GramianWeightedAggregator), name
+
+
+def test_pages_list_the_constructor_arguments_with_their_defaults():
+    # The hyper-parameters shown come from the claims table: they must be the constructor's.
+    from jdoptim.aggregation._claims import CLAIMS
+
+    for claims in CLAIMS:
+        for cls in filter(None, (claims.aggregator, claims.weighting)):
+            parameters = inspect.signature(cls).parameters.values()
+            assert [h.name for h in claims.hyperparameters] == [p.name for p in parameters]
+            for shown, p in zip(claims.hyperparameters, parameters, strict=True):
+                if p.default is inspect.Parameter.empty:
+                    assert shown.default == "(required)", (claims.name, p.name)
+                elif callable(p.default):
+                    assert shown.default == p.default.__name__.lstrip("_"), (claims.name, p.name)
+                else:
+                    assert shown.default == repr(p.default), (claims.name, p.name)
 
 
 def test_math_renders_offline(site):

@@ -80,5 +80,15 @@ def aggregator_times(path: Path = README) -> tuple[list[int], dict[str, list[flo
     raise ValueError(f"no table whose first column is 'aggregator' in {path}")
 
 
+def median_ms(benchmark: str, path: Path = README) -> float:
+    """The median time (ms) of one step or weighting benchmark, by its exact name."""
+    for table in read_tables(path):
+        if "median (ms)" in table.header and benchmark in table.column("benchmark"):
+            return parse_float(
+                table.column("median (ms)")[table.column("benchmark").index(benchmark)]
+            )
+    raise ValueError(f"no benchmark named {benchmark!r} in {path}")
+
+
 def parse_float(cell: str) -> float:
     return float(cell.replace(",", "").rstrip("x"))

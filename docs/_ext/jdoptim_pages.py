@@ -1,12 +1,12 @@
 """Generate the per-method pages of the docs from the code, at each build.
 
-One page per aggregation method (the aggregator and its weighting together, or a weighting alone)
-and one per scalarizer, written under ``docs/_generated/`` (not committed) when the builder starts.
-Each page's facts come from the code: the claims table ``jdoptim.aggregation._claims`` when it
-exists (the one the property tests read), the class hierarchy (Gramian-only or not), the
-constructor's signature (hyper-parameters), the docstrings (formula, paper, properties; rendered
-by autodoc) and the measured times of ``benchmarks/README.md``. Nothing is written by hand per
-method, so a page cannot drift from the code.
+One page per record of the claims table ``jdoptim.aggregation._claims`` (the aggregator and its
+weighting together, or a weighting alone; the property tests check the same records) and one per
+scalarizer of ``jdoptim.scalarization`` when that package exists. They are written under
+``docs/_generated/`` (not committed) when the builder starts. Each page shows the record
+(summary, paper, cost, hyper-parameters, properties), the measured time from
+``benchmarks/README.md`` and the classes' docstrings (formula, details, example). Nothing is
+written by hand per method, so a page cannot drift from the code.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from __future__ import annotations
 import importlib
 import inspect
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from sphinx.application import Sphinx
+from sphinx.errors import ExtensionError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -28,60 +28,148 @@ import tex_literals
 OUT = "_generated"
 
 
-@dataclass
-class Method:
-    """One aggregation method: its aggregator and/or weighting, and helpers defined with them."""
+def aggregation_methods() -> tuple[list, list[str]]:
+    """The claims records, one per method, and the public names that no record covers.
 
-    name: str
-    aggregator: type | None = None
-    weighting: type | None = None
-    functions: list[str] = field(default_factory=list)
-
-    @property
-    def main(self) -> type:
-        return self.aggregator or self.weighting  # type: ignore[return-value]
-
-    @property
-    def slug(self) -> str:
-        return self.name.lower()
-
-
-def _is_base(module, cls: type) -> bool:
-    return cls.__module__ == module._bases.__name__ or inspect.isabstract(cls)
-
-
-def aggregation_methods() -> tuple[list[Method], list[str]]:
-    """The methods of ``jdoptim.aggregation`` and the public base names (for the API page)."""
+    Those are the base classes and helpers (documented together on the overview page). A
+    concrete aggregator or weighting without a record is an error: its page would say nothing.
+    """
     module = importlib.import_module("jdoptim.aggregation")
-    methods: dict[str, Method] = {}
-    bases, functions = [], []
+    claims_module = importlib.import_module("jdoptim.aggregation._claims")
+    covered = {c for claims in claims_module.CLAIMS for c in (claims.aggregator, claims.weighting)}
+    bases = []
     for name in module.__all__:
         obj = getattr(module, name)
-        if not inspect.isclass(obj):
-            functions.append(name)
-        elif _is_base(module, obj):
-            bases.append(name)
-        elif issubclass(obj, module.Weighting):
-            key = name.removesuffix("Weighting")
-            methods.setdefault(key, Method(key)).weighting = obj
-        elif issubclass(obj, module.Aggregator):
-            methods.setdefault(name, Method(name)).aggregator = obj
-    for name in functions:  # helpers go with the classes of their module, else with the bases
-        home = getattr(module, name).__module__
-        owner = next((m for m in methods.values() if m.main.__module__ == home), None)
-        if owner is None:
-            bases.append(name)
+        if obj in covered:
+            continue
+        if inspect.isclass(obj) and not (
+            inspect.isabstract(obj) or obj.__module__ == module._bases.__name__
+        ):
+            raise ExtensionError(f"jdoptim.aggregation.{name} has no record in the claims table")
+        bases.append(name)
+    methods = sorted(claims_module.CLAIMS, key=lambda c: c.name.lower())
+    return methods, bases
+
+
+def _measured(claims) -> tuple[list[int], list[float | None] | None]:
+    ms, times = benchmark_tables.aggregator_times()
+    names = {claims.name, claims.name.replace("-", "")}
+    row = next((v for k, v in times.items() if k.split("-")[0] in names or k in names), None)
+    return ms, row
+
+
+def measured_text(claims) -> str:
+    ms, row = _measured(claims)
+    if row is None:
+        return "not measured"
+    cells = [f"{t:g} ms (m = {m})" for m, t in zip(ms, row, strict=True) if t is not None]
+    return ", ".join(cells) + (
+        "; :math:`J` of shape ``[m, 10 000]``, float32, 2 CPU threads (:doc:`/performance`)"
+    )
+
+
+def method_page(claims) -> str:
+    title = claims.name
+    rows = [*claims_view.rows(claims), ("Measured time", measured_text(claims))]
+    lines = [
+        title,
+        "=" * len(title),
+        "",
+        ".. currentmodule:: jdoptim.aggregation",
+        "",
+        ".. list-table::",
+        "   :stub-columns: 1",
+        "   :widths: 1 4",
+        "",
+    ]
+    for key, value in rows:
+        lines.append(f"   * - {key}")
+        if isinstance(value, list):
+            lines += [f"     - * {value[0]}", *[f"       * {v}" for v in value[1:]]]
         else:
-            owner.functions.append(name)
-    return sorted(methods.values(), key=lambda m: m.name.lower()), bases
+            lines.append(f"     - {value}")
+    lines.append("")
+    for cls in (claims.aggregator, claims.weighting):
+        if cls is not None:
+            lines += [f".. autoclass:: {cls.__name__}", ""]
+    return "\n".join(lines)
 
 
-def needs_only_gramian(method: Method) -> bool:
-    module = importlib.import_module("jdoptim.aggregation")
-    if method.aggregator is not None:
-        return issubclass(method.aggregator, module.GramianWeightedAggregator)
-    params = list(inspect.signature(method.weighting.forward).parameters)
-    return len(params) > 1 and params[1] == "gramian"
+def methods_table(methods: list) -> str:
+    header = ["Method", "Cost", *claims_view.table_columns(), "ms (m=128)"]
+    lines = [".. list-table::", "   :header-rows: 1", "", "   * - " + header[0]]
+    lines += [f"     - {h}" for h in header[1:]]
+    for claims in methods:
+        ms, row = _measured(claims)
+        at = row[ms.index(128)] if row is not None and 128 in ms else None
+        cells = [
+            f":doc:`{claims.name} </{OUT}/aggregation/{claims_view.slug(claims)}>`",
+            "G" if claims.gramian_only else "J",
+            *claims_view.table_cells(claims),
+            "–" if at is None else f"{at:g}",
+        ]
+        lines += ["   * - " + cells[0], *[f"     - {c}" for c in cells[1:]]]
+    return "\n".join(lines) + "\n"
+
+
+def substitutions(methods: list) -> str:
+    """``|stateful_methods|`` and the like: the guide's lists, from the same records."""
+    groups = {
+        "non_conflicting_methods": lambda c: c.non_conflicting,
+        "not_homogeneous_methods": lambda c: not c.homogeneous,
+        "stateful_methods": lambda c: not c.stateless,
+        "random_methods": lambda c: not c.deterministic,
+        "jacobian_methods": lambda c: not c.gramian_only,
+    }
+    lines = []
+    for name, keep in groups.items():
+        links = [
+            f":doc:`{c.name} </{OUT}/aggregation/{claims_view.slug(c)}>`"
+            for c in methods
+            if keep(c)
+        ]
+        lines.append(f".. |{name}| replace:: {', '.join(links) or 'none'}")
+    return "\n".join(lines) + "\n"
+
+
+# The numbers the guide quotes, by substitution name: (benchmark, plain or peer benchmark or None).
+QUOTED = {
+    "per_sample_upgrad": ("test_mlp_jacobian_optimizer_batch_dim[UPGrad]", "test_mlp_plain"),
+    "per_sample_vs_peer": (
+        "test_mlp_torchjd_autogram[UPGrad]",
+        "test_mlp_jacobian_optimizer_batch_dim[UPGrad]",
+    ),
+    "mtl_upgrad": ("test_mtl_jacobian_optimizer[UPGrad-shared_params=trunk]", "test_mtl_plain"),
+    "mtl_vs_peer": (
+        "test_mtl_torchjd[UPGrad]",
+        "test_mtl_jacobian_optimizer[UPGrad-shared_params=trunk]",
+    ),
+    "weights_64": ("test_upgrad_weighting[64]", None),
+    "weights_128": ("test_upgrad_weighting[128]", None),
+    "weights_512": ("test_upgrad_weighting[512]", None),
+}
+
+
+def measured_substitutions() -> str:
+    """``|per_sample_upgrad|`` (a ratio such as ``6.6x``), ``|weights_128|`` (``9.96 ms``)...
+
+    The guide quotes these from ``benchmarks/README.md`` at build time, so a rerun of the
+    benchmarks updates the prose with the figures.
+    """
+    lines = []
+    for name, (benchmark, reference) in QUOTED.items():
+        value = benchmark_tables.median_ms(benchmark)
+        if reference is None:
+            text = f"{value:.3g} ms" if value < 1000 else f"{value / 1000:.2g} s"
+        else:
+            text = f"{value / benchmark_tables.median_ms(reference):.2g}x"
+        lines.append(f".. |{name}| replace:: {text}")
+    ms, times = benchmark_tables.aggregator_times()
+    for method in ("UPGrad", "DualProj"):
+        lines.append(
+            f".. |{method.lower()}_alone_128| replace:: {times[method][ms.index(128)]:g} ms"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def hyper_parameters(cls: type) -> str:
@@ -98,74 +186,6 @@ def hyper_parameters(cls: type) -> str:
 def summary(cls: type) -> str:
     doc = inspect.getdoc(cls) or ""
     return tex_literals.convert(doc.split("\n\n")[0].replace("\n", " ").strip())
-
-
-def _measured(name: str) -> str:
-    ms, times = benchmark_tables.aggregator_times()
-    row = next((v for k, v in times.items() if k.split("-")[0] == name), None)
-    if row is None:
-        return "not measured"
-    cells = [f"{t:g} ms (m = {m})" for m, t in zip(ms, row, strict=True) if t is not None]
-    return (
-        ", ".join(cells) + "; ``J`` of shape ``[m, 10 000]``, float32, 2 CPU threads "
-        "(:doc:`/performance`)"
-    )
-
-
-def method_page(method: Method) -> str:
-    title = method.name
-    cost = (
-        "Gramian only: the weights depend on ``J`` only through ``G = J Jᵀ``, so the per-sample "
-        "and layer-Gramian engines apply (see :doc:`/performance`)"
-        if needs_only_gramian(method)
-        else "needs the Jacobian ``J`` itself: the optimizer uses the Jacobian engine"
-    )
-    rows = [
-        ("Summary", summary(method.main)),
-        ("Cost", cost),
-        ("Hyper-parameters", hyper_parameters(method.main)),
-        *claims_view.rows(method.name),
-        ("Measured time", _measured(method.name)),
-    ]
-    lines = [
-        title,
-        "=" * len(title),
-        "",
-        ".. currentmodule:: jdoptim.aggregation",
-        "",
-        ".. list-table::",
-        "   :stub-columns: 1",
-        "   :widths: 1 4",
-        "",
-    ]
-    for key, value in rows:
-        lines += [f"   * - {key}", f"     - {value}"]
-    lines.append("")
-    for cls in (method.aggregator, method.weighting):
-        if cls is not None:
-            lines += [f".. autoclass:: {cls.__name__}", ""]
-            if cls is method.weighting and hasattr(cls, "weights_from_cross_gramian"):
-                lines += ["   .. automethod:: weights_from_cross_gramian", ""]
-    lines += [f".. autofunction:: {name}\n" for name in method.functions]
-    return "\n".join(lines)
-
-
-def methods_table(methods: list[Method]) -> str:
-    header = ["Method", "Cost", *claims_view.table_columns(), "Time, m = 128 (ms)"]
-    lines = [".. list-table::", "   :header-rows: 1", "", "   * - " + header[0]]
-    lines += [f"     - {h}" for h in header[1:]]
-    ms, times = benchmark_tables.aggregator_times()
-    for method in methods:
-        row = next((v for k, v in times.items() if k.split("-")[0] == method.name), None)
-        at = row[ms.index(128)] if row is not None and 128 in ms else None
-        cells = [
-            f":doc:`{method.name} </{OUT}/aggregation/{method.slug}>`",
-            "Gramian" if needs_only_gramian(method) else "J",
-            *claims_view.table_cells(method.name),
-            "-" if at is None else f"{at:g}",
-        ]
-        lines += ["   * - " + cells[0], *[f"     - {c}" for c in cells[1:]]]
-    return "\n".join(lines) + "\n"
 
 
 def scalarization_pages() -> dict[str, str]:
@@ -226,11 +246,11 @@ def scalarization_pages() -> dict[str, str]:
 def all_pages(srcdir: Path) -> dict[str, str]:
     """Every generated file, by path under ``_generated`` (``.rst`` pages, ``.inc`` fragments)."""
     methods, bases = aggregation_methods()
-    files = {f"aggregation/{m.slug}.rst": method_page(m) for m in methods}
-    files["aggregation_toc.inc"] = _toctree(
-        [f"{OUT}/aggregation/{m.slug}" for m in methods], hidden=True
-    )
+    slugs = [claims_view.slug(c) for c in methods]
+    files = {f"aggregation/{s}.rst": method_page(c) for s, c in zip(slugs, methods, strict=True)}
+    files["aggregation_toc.inc"] = _toctree([f"{OUT}/aggregation/{s}" for s in slugs], hidden=True)
     files["aggregation_table.inc"] = methods_table(methods)
+    files["claims_substitutions.inc"] = substitutions(methods) + measured_substitutions()
     files["aggregation_bases.inc"] = "\n".join(
         f".. autoclass:: {n}\n   :members:\n" if n[0].isupper() else f".. autofunction:: {n}\n"
         for n in bases
