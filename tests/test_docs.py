@@ -89,17 +89,24 @@ def test_docstring_examples_run_in_the_suite():
 
 
 def test_every_public_name_is_documented(site):
+    import pkgutil
+
+    import jdoptim
+
     anchors = set(re.findall(r'id="([^"]+)"', "".join(_pages(site).values())))
-    for package in ("jdoptim", "jdoptim.aggregation", "jdoptim.linalg", "jdoptim.scalarization"):
-        try:
-            module = importlib.import_module(package)
-        except ModuleNotFoundError:
-            continue
-        for name in module.__all__:
+    public = [
+        f"jdoptim.{info.name}"
+        for info in pkgutil.iter_modules(jdoptim.__path__)
+        if not info.name.startswith("_") and info.name != "engine"  # the engines are internal
+    ]
+    for package in ["jdoptim", *public]:
+        module = importlib.import_module(package)
+        for name in getattr(module, "__all__", []):
             obj = getattr(module, name)
             if isinstance(obj, types.ModuleType):
                 continue
-            documented = {f"{package}.{name}", f"{obj.__module__.split('._')[0]}.{name}"}
+            home = obj.__module__.split("._")[0]
+            documented = {f"{package}.{name}", f"{home}.{name}", f"jdoptim.{name}"}
             assert documented & anchors, f"{package}.{name} has no entry in the docs"
 
 

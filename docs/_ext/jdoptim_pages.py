@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import pkgutil
 import sys
 from pathlib import Path
 
@@ -257,11 +258,79 @@ def all_pages(srcdir: Path) -> dict[str, str]:
     )
     scalarization = scalarization_pages()
     files.update({f"{name}.rst": text for name, text in scalarization.items()})
+    modules = api_modules()
+    files.update({f"api/{name}.rst": api_page(name) for name in modules})
+    files["api_table.inc"] = api_table(modules, bool(scalarization))
+    files["api_toc.inc"] = _toctree([f"/{OUT}/api/{name}" for name in modules], hidden=True)
     guide = ["migration"] if (srcdir / "migration.rst").is_file() else []
     reference = [f"{OUT}/scalarization/index"] if scalarization else []
     files["optional_guide_toc.inc"] = _toctree(guide)
     files["optional_reference_toc.inc"] = _toctree(reference)
     return files
+
+
+# Submodules with pages of their own elsewhere, or not part of the API (the engines are internal).
+NOT_IN_API = {"aggregation", "scalarization", "engine", "optimizer", "functional"}
+
+
+def api_modules() -> list[str]:
+    """The public submodules of ``jdoptim`` (no leading underscore) that get an API page."""
+    package = importlib.import_module("jdoptim")
+    return sorted(
+        info.name
+        for info in pkgutil.iter_modules(package.__path__)
+        if not info.name.startswith("_") and info.name not in NOT_IN_API
+    )
+
+
+def api_page(name: str) -> str:
+    title = f"jdoptim.{name}"
+    return "\n".join(
+        [title, "=" * len(title), "", f".. automodule:: jdoptim.{name}", "   :members:", ""]
+    )
+
+
+def api_table(names: list[str], with_scalarization: bool) -> str:
+    lines = [
+        ".. list-table::",
+        "   :header-rows: 1",
+        "   :widths: 2 5",
+        "",
+        "   * - Module",
+        "     - What it holds",
+    ]
+    rows = [
+        (
+            ":doc:`jdoptim </api/optimizer>`",
+            ":class:`~jdoptim.JacobianOptimizer`, the ``torch.optim`` wrapper",
+        ),
+        (
+            ":doc:`jdoptim (functions) </api/functional>`",
+            "the functions exported by ``jdoptim`` itself",
+        ),
+        (
+            ":doc:`jdoptim.aggregation </aggregators>`",
+            "the aggregators and weightings, one page each, and their base classes",
+        ),
+    ]
+    if with_scalarization:
+        rows.append(
+            (
+                f":doc:`jdoptim.scalarization </{OUT}/scalarization/index>`",
+                "the scalarizers, one page each",
+            )
+        )
+    for name in names:
+        doc = inspect.getdoc(importlib.import_module(f"jdoptim.{name}")) or ""
+        rows.append(
+            (
+                f":doc:`jdoptim.{name} </{OUT}/api/{name}>`",
+                tex_literals.convert(doc.split("\n\n")[0].replace("\n", " ")),
+            )
+        )
+    for module, text in rows:
+        lines += [f"   * - {module}", f"     - {text}"]
+    return "\n".join(lines) + "\n"
 
 
 def _toctree(entries: list[str], hidden: bool = False) -> str:
