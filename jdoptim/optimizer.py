@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable, Iterable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
 
 from jdoptim._distributed import Exchange, JacobianAccumulator, current_exchange
 from jdoptim._validation import as_loss_vector, as_tensor_list, check_finite_jacobians
-from jdoptim.aggregation import GramianWeightedAggregator, UPGrad
+from jdoptim.aggregation import Aggregator, GramianWeightedAggregator, UPGrad
+from jdoptim.diagnostics import StepRecord, capture
 from jdoptim.engine import (
     JacobianEngine,
     LayerGramianEngine,
@@ -28,7 +32,13 @@ _STATE_KEY = "jdoptim"
 # Attributes that copies, pickles and fresh optimizers start without: micro-batches kept by
 # backward(..., accumulate=True), whether the aggregator state was synchronised across ranks,
 # and the bytes this rank sent in the last cross-rank exchange.
-_TRANSIENT = {"_pending": None, "_ranks_synced": False, "cross_rank_bytes": 0}
+# and whether backward() wrote .grad since the last step or zero_grad (Lightning's two-phase form).
+_TRANSIENT = {
+    "_pending": None,
+    "_ranks_synced": False,
+    "cross_rank_bytes": 0,
+    "_grad_written": False,
+}
 
 
 class JacobianOptimizer(Optimizer):
@@ -130,6 +140,11 @@ class JacobianOptimizer(Optimizer):
             raise TypeError("optimizer is already a JacobianOptimizer: do not wrap it twice")
         if aggregator is None:
             aggregator = UPGrad()
+        if isinstance(aggregator, type):
+            raise TypeError(
+                f"aggregator must be an instance, got the class {aggregator.__name__}: "
+                f"pass {aggregator.__name__}() instead"
+            )
         if not callable(aggregator):
             raise TypeError(f"aggregator must be callable, got {type(aggregator).__name__}")
         if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
@@ -218,6 +233,48 @@ class JacobianOptimizer(Optimizer):
             f"  aggregator={self.aggregator!r}\n)"
         )
 
+    def register_step_record_hook(
+        self, hook: Callable[[JacobianOptimizer, StepRecord], None]
+    ) -> RemovableHandle:
+        """Call ``hook(optimizer, record)`` each time an aggregated ``.grad`` is written.
+
+        ``record`` is a :class:`~jdoptim.diagnostics.StepRecord`: the losses, the Gramian the
+        aggregator used (per-loss gradient norms, cosines, conflicting pairs), the weights and
+        the update's inner product with each loss gradient, and the engine that ran. It is built
+        in :meth:`backward` (so also in :meth:`step` with a closure), before the wrapped
+        optimizer steps; a micro-batch kept with ``accumulate=True`` and a step skipped on
+        overflow record nothing. While no hook is registered nothing is computed; with one, the
+        Jacobian engine forms ``J Jᵀ`` for aggregators that do not already use it. Hooks are not
+        copied by ``copy.deepcopy``, pickling or ``state_dict``. The aggregator must be an
+        :class:`~jdoptim.aggregation.Aggregator`.
+
+        Returns
+        -------
+        torch.utils.hooks.RemovableHandle
+            ``handle.remove()`` unregisters the hook.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from jdoptim import JacobianOptimizer
+        >>> model = torch.nn.Linear(3, 2)
+        >>> opt = JacobianOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+        >>> handle = opt.register_step_record_hook(
+        ...     lambda opt, r: print(r.engine, r.conflicting_pairs, r.update_conflicts)
+        ... )
+        >>> _ = opt.step(lambda: ((model(torch.ones(4, 3)) - 1) ** 2).mean(dim=0))
+        jacobian 0 False
+        >>> handle.remove()
+        """
+        if not isinstance(self.aggregator, Aggregator):
+            raise TypeError(
+                f"step records need a jdoptim.aggregation.Aggregator, got {self.aggregator!r}"
+            )
+        hooks = self.__dict__.setdefault("_step_record_hooks", OrderedDict())
+        handle = RemovableHandle(hooks)
+        hooks[handle.id] = hook
+        return handle
+
     def _params(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
 
@@ -242,19 +299,39 @@ class JacobianOptimizer(Optimizer):
         """
         if closure is None:
             self.optimizer.step()
+            self._grad_written = False
             return None
         params = self._params()
         saved_grads = [p.grad for p in params]
+        written_before, self._grad_written = self._grad_written, False
         try:
             with torch.enable_grad():
                 losses = closure()
-            vector = self.backward(losses)
+            if self._grad_written or (written_before and losses is None):
+                # backward() already wrote .grad (in the closure, or before a closure that
+                # returns nothing, as Lightning's step() passes): step on it.
+                vector = None if losses is None else _detached(losses)
+            else:
+                _check_not_backpropagated(losses, params, saved_grads)
+                vector = self._backward_closure_losses(losses)
         except BaseException:
             for p, g in zip(params, saved_grads, strict=True):
                 p.grad = g
+            self._grad_written = written_before
             raise
         self.optimizer.step()
+        self._grad_written = False
         return vector
+
+    def _backward_closure_losses(self, losses: Any) -> Tensor:
+        try:
+            return self.backward(losses)
+        except RuntimeError as e:
+            if "backward through the graph a second time" not in str(e):
+                raise
+            raise RuntimeError(
+                f"{_HABIT} (the closure's losses were already backpropagated: {e})"
+            ) from e
 
     def backward(
         self, losses: Tensor | list[Tensor] | tuple[Tensor, ...], *, accumulate: bool = False
@@ -301,6 +378,27 @@ class JacobianOptimizer(Optimizer):
         """
         if not isinstance(accumulate, bool):
             raise TypeError(f"accumulate must be a bool, got {type(accumulate).__name__}")
+        hooks = self.__dict__.get("_step_record_hooks")
+        if not hooks or accumulate:
+            with _autocast_off():
+                vector = self._backward(losses, accumulate)
+            self._grad_written = self._grad_written or not accumulate
+            return vector
+        engine = (
+            "per-sample" if isinstance(self.gramian_engine, PerSampleEngine) else "layer-gramian"
+        )
+        with _autocast_off(), capture(self.aggregator, self.engine) as seen:
+            vector = self._backward(losses, accumulate)
+        self._grad_written = True
+        record = seen.record(vector / self._scale(), engine)
+        if record is not None:
+            for hook in list(hooks.values()):
+                hook(self, record)
+        return vector
+
+    def _backward(
+        self, losses: Tensor | list[Tensor] | tuple[Tensor, ...], accumulate: bool
+    ) -> Tensor:
         params = self._params()
         if not params:
             raise ValueError("the wrapped optimizer holds no parameter that requires grad")
@@ -491,6 +589,7 @@ class JacobianOptimizer(Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset the gradients of the wrapped optimizer and delete any ``.jac`` left on them."""
         self.optimizer.zero_grad(set_to_none=set_to_none)
+        self._grad_written = False
         if self.gramian_engine is not None:
             self.gramian_engine.clear()
         for p in self._params():
@@ -548,6 +647,51 @@ class JacobianOptimizer(Optimizer):
             raise
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+
+@contextlib.contextmanager
+def _autocast_off() -> Iterator[None]:
+    """Run the Jacobian and the aggregation in the parameters' dtypes, even inside an autocast
+    region (Lightning's mixed precision runs the whole training step, ``step`` included, under
+    autocast; the losses were already computed there)."""
+    with contextlib.ExitStack() as stack:
+        for device in ("cpu", "cuda"):
+            if torch.is_autocast_enabled(device):
+                stack.enter_context(torch.autocast(device, enabled=False))
+        yield
+
+
+_HABIT = (
+    "JacobianOptimizer needs the losses themselves: return them from the closure (a vector, "
+    "or a list of scalar losses) without calling loss.backward(); for the two-phase form, call "
+    "opt.backward(losses) and then opt.step()"
+)
+
+
+def _check_not_backpropagated(
+    losses: Any, params: list[Tensor], saved_grads: list[Tensor | None]
+) -> None:
+    """Raise if the closure returned nothing or wrote ``.grad`` itself (``loss.backward()``)."""
+    written = [
+        i
+        for i, (p, g) in enumerate(zip(params, saved_grads, strict=True))
+        if p.grad is not None and p.grad is not g
+    ]
+    if losses is None:
+        raise TypeError(
+            f"expected the losses, got NoneType (does the closure return the losses?): {_HABIT}"
+        )
+    if written:
+        raise RuntimeError(
+            f"the closure wrote .grad of {len(written)} parameter(s) itself (did it call "
+            f"loss.backward()?): {_HABIT}"
+        )
+
+
+def _detached(losses: Any) -> Tensor:
+    if isinstance(losses, (list, tuple)):
+        return torch.stack([torch.as_tensor(loss).detach().reshape(()) for loss in losses])
+    return torch.as_tensor(losses).detach().reshape(-1)
 
 
 def _aggregator_state(aggregator: Callable[[Tensor], Tensor]) -> dict[str, Any]:

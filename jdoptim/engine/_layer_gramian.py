@@ -54,8 +54,9 @@ class _LinearCall:
 
     def gramian(self) -> Tensor:
         """``[m, m]`` Gramian block of the weight (and bias) rows of this call."""
-        a = self.input.reshape(-1, self.input.shape[-1])  # [N, d]
-        g = self.grads.reshape(self.grads.shape[0], -1, self.grads.shape[-1])  # [m, N, o]
+        a, g = self._lifted()
+        a = a.reshape(-1, a.shape[-1])  # [N, d]
+        g = g.reshape(g.shape[0], -1, g.shape[-1])  # [m, N, o]
         m, n, o = g.shape
         d = a.shape[1]
         if n * n * (d + m * o) < m * n * d * o:  # kernel form is cheaper
@@ -68,11 +69,17 @@ class _LinearCall:
             block = block + summed @ summed.T
         return block
 
+    def _lifted(self) -> tuple[Tensor, Tensor]:
+        """The input and output gradients in the weight's dtype (autocast records fp16/bf16)."""
+        dtype = self.module.weight.dtype
+        return self.input.to(dtype), self.grads.to(dtype)
+
     def updates(self, weights: Tensor) -> dict[int, Tensor]:
         """The weighted updates ``Σ_t w_t J_t`` of the weight and the bias, by ``id``."""
-        combined = torch.tensordot(weights, self.grads, dims=1)  # [..., o]
+        a, g = self._lifted()
+        combined = torch.tensordot(weights.to(g.dtype), g, dims=1)  # [..., o]
         combined = combined.reshape(-1, combined.shape[-1])
-        a = self.input.reshape(-1, self.input.shape[-1])
+        a = a.reshape(-1, a.shape[-1])
         module = self.module
         result = {id(module.weight): (combined.T @ a).to(module.weight.dtype)}
         if module.bias is not None:
