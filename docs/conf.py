@@ -42,7 +42,11 @@ extensions = [
     "offline_mathjax",
     "tex_literals",
     "jdoptim_pages",
+    "readme_demo",
 ]
+
+# The examples report progress with tqdm; its bars would fill the gallery's captured output.
+os.environ.setdefault("TQDM_DISABLE", "1")
 
 # NumPy-style docstrings only.
 napoleon_google_docstring = False

@@ -280,3 +280,19 @@ def test_code_blocks_fit_the_page_width():
         ):
             for line in textwrap.dedent(block).splitlines():
                 assert len(line) <= 85 or line in readme_lines, (page.name, line)
+
+
+def test_getting_started_shows_the_demo_run_at_build_time(site):
+    page = (site / "html" / "getting_started.html").read_text()
+    assert re.search(r'<img [^>]*src="_images/multitask_demo\.png"', page)
+    assert (site / "html" / "_images" / "multitask_demo.png").stat().st_size > 5000
+    table = html.unescape(re.sub(r"<[^>]+>", "", page))
+    for method in ("sum", "UPGrad", "MGDA", "IMTL-G"):
+        assert re.search(rf"^{re.escape(method)}\s+\d\.\d+ ± \d\.\d+", table, re.M), method
+    assert "JDOPTIM_QUICK=1" in table  # the quick build says its numbers mean nothing
+
+
+def test_gallery_output_has_no_progress_bars(site):
+    for name, text in _pages(site).items():
+        if name.startswith("auto_examples/"):
+            assert not re.search(r"\d+/\d+ \[\d\d:\d\d<", text), name
