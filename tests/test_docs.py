@@ -103,8 +103,8 @@ def test_every_public_name_is_documented(site):
         module = importlib.import_module(package)
         for name in getattr(module, "__all__", []):
             obj = getattr(module, name)
-            if isinstance(obj, types.ModuleType):
-                continue
+            if not (inspect.isclass(obj) or inspect.isfunction(obj)):
+                continue  # submodules, constants: no entry of their own
             home = obj.__module__.split("._")[0]
             documented = {f"{package}.{name}", f"{home}.{name}", f"jdoptim.{name}"}
             assert documented & anchors, f"{package}.{name} has no entry in the docs"
