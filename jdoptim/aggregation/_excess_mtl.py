@@ -20,15 +20,19 @@ class ExcessMTLWeighting(Weighting):
     At call ``t`` each row's AdaGrad accumulator ``A_i ← A_i + g_i^{⊙2}`` gives the diagonal
     preconditioner ``H_i = \operatorname{diag}(A_i)^{1/2}`` and the excess-risk estimate
     ``r_i = g_iᵀ H_i^{-1} g_i`` (``0/0 = 0``: no absolute epsilon, so ``r`` scales with ``J``).
-    The first ``max(n_warmup_steps, 1)`` calls only record the reference ``r_i^0`` (the mean of
-    their estimates; the published code uses the first call) and return ones; afterwards
+    The weights live on the simplex, as in the paper's min-max over convex combinations: they
+    start at ``1/m`` and follow
 
     .. math::
 
-        w_i ← w_i \exp(η\, r_i / r_i^0), \qquad w ← m\, w / \mathbf 1ᵀw,
+        w_i ← w_i \exp(η\, r_i / r_i^0), \qquad w ← w / \mathbf 1ᵀw,
 
-    computed in log space (no overflow). A task whose reference is still 0 takes its first
-    non-zero estimate as reference.
+    computed in log space (no overflow), from the call that completes the reference ``r_i^0``
+    (the mean of the estimates of the first ``max(n_warmup_steps, 1)`` calls; the first call by
+    default, where ``r / r^0 = 1`` leaves the weights uniform). A task whose reference is still 0
+    takes its first non-zero estimate as reference. (The authors' code normalises the weights
+    to sum to ``m`` instead, a factor ``m`` on the step; the peer's first call exponentiates the
+    raw, unnormalised risks, which is not scale-invariant.)
 
     State (explicit, so a fresh instance loads it): ``step``, ``grad_sq_sum`` (``[m, n]``, like
     Adam's second moment), ``reference`` and ``log_weights``; ``None`` before the first call.
@@ -45,10 +49,10 @@ class ExcessMTLWeighting(Weighting):
     >>> import torch
     >>> J = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
     >>> weighting = ExcessMTLWeighting(robust_step_size=1.0)
-    >>> weighting(J)  # reference call
-    tensor([1., 1.], dtype=torch.float64)
+    >>> weighting(J)  # the reference call: r / r^0 = 1, uniform weights
+    tensor([0.5000, 0.5000], dtype=torch.float64)
     >>> weighting(torch.eye(2, dtype=torch.float64))  # r / r^0 = (1/√2, 1/(2√5))
-    tensor([1.2371, 0.7629], dtype=torch.float64)
+    tensor([0.6186, 0.3814], dtype=torch.float64)
     """
 
     def __init__(self, robust_step_size: float = 1.0, n_warmup_steps: int = 0) -> None:
@@ -84,14 +88,14 @@ class ExcessMTLWeighting(Weighting):
         warmup = max(self.n_warmup_steps, 1)
         if self._step < warmup:
             self._reference += risk / warmup
-        else:
+        if self._step >= warmup - 1:  # from the call that completes the reference on
             unset = self._reference <= 0.0
             self._reference = torch.where(unset, risk, self._reference)
             scaled = torch.where(self._reference > 0, risk / self._reference, 0.0)
             logs = self._log_weights + self.robust_step_size * scaled
             self._log_weights = logs - logs.max()
         self._step += 1
-        return (m * torch.softmax(self._log_weights, dim=0)).to(matrix.dtype)
+        return torch.softmax(self._log_weights, dim=0).to(matrix.dtype)
 
     def state_dict(self) -> dict[str, Any]:
         def copy(tensor: Tensor | None) -> Tensor | None:
@@ -135,7 +139,7 @@ class ExcessMTLWeighting(Weighting):
 
 
 class ExcessMTL(WeightedAggregator):
-    r"""*Robust Multi-Task Learning with Excess Risks*, He, Zhou, Zhao & Han, ICML 2024.
+    r"""*Robust Multi-Task Learning with Excess Risks*, He, Zhou, Zhang et al., ICML 2024.
 
     https://arxiv.org/abs/2402.02009. Tasks are weighted by their estimated *excess* risk (the
     distance to their own optimum, ``≈ g_iᵀH_i^{-1}g_i`` with an AdaGrad diagonal ``H_i``)
@@ -145,11 +149,11 @@ class ExcessMTL(WeightedAggregator):
     .. math::
 
         \mathcal A(J) = Jᵀ w, \qquad w_i ∝ w_i \exp\Bigl(η\, \frac{g_iᵀ H_i^{-1} g_i}{r_i^0}\Bigr),
-        \qquad \mathbf 1ᵀw = m.
+        \qquad \mathbf 1ᵀw = 1.
 
     Properties: stateful (``[m, n]`` preconditioner, reference risks, weights; explicit
     ``state_dict``), needs ``J`` (not Gramian-only), deterministic. Positively homogeneous and
-    permutation invariant from a fresh state (the first call returns the sum of the rows); over a
+    permutation invariant from a fresh state (the first call returns the mean of the rows); over a
     run the weights are scale-invariant when every call has the same scale. Not
     non-conflicting.
 
@@ -158,8 +162,8 @@ class ExcessMTL(WeightedAggregator):
     >>> import torch
     >>> from jdoptim.aggregation import ExcessMTL
     >>> J = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
-    >>> ExcessMTL()(J)  # the reference call: the sum of the rows
-    tensor([1., 2.], dtype=torch.float64)
+    >>> ExcessMTL()(J)  # the reference call: the mean of the rows
+    tensor([0.5000, 1.0000], dtype=torch.float64)
     """
 
     def __init__(self, robust_step_size: float = 1.0, n_warmup_steps: int = 0) -> None:

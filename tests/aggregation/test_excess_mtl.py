@@ -1,4 +1,9 @@
-"""ExcessMTL against a plain numpy loop of the paper's recurrence, and its state."""
+"""ExcessMTL against a plain numpy loop of the paper's recurrence, and its state.
+
+He et al., ICML 2024 (arXiv 2402.02009): weights on the simplex (a convex combination of the
+losses), starting uniform, updated by exponentiated gradient with the excess risks normalised by
+their initial values.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ def reference_weights(matrices: list[np.ndarray], step_size: float, warmup: int)
     m = matrices[0].shape[0]
     squares = np.zeros_like(matrices[0])
     reference = np.zeros(m)
-    weights = np.ones(m)
+    weights = np.full(m, 1.0 / m)
     outputs = []
     for t, matrix in enumerate(matrices):
         squares += matrix**2
@@ -24,9 +29,9 @@ def reference_weights(matrices: list[np.ndarray], step_size: float, warmup: int)
         risk = np.where(root > 0, matrix**2 / safe, 0.0).sum(axis=1)
         if t < max(warmup, 1):
             reference += risk / max(warmup, 1)
-        else:
+        if t >= max(warmup, 1) - 1:
             weights = weights * np.exp(step_size * risk / reference)
-            weights = m * weights / weights.sum()
+            weights = weights / weights.sum()
         outputs.append(weights.copy())
     return outputs
 
@@ -42,6 +47,19 @@ def test_matches_the_recurrence(step_size, warmup):
         np.testing.assert_allclose(
             weighting(torch.from_numpy(matrix)).numpy(), expected, rtol=1e-12
         )
+
+
+def test_weights_on_the_simplex_from_uniform():
+    """Issue 14: the first call gives the mean of the rows (weights ``1/m``, not ones), and every
+    later call keeps ``w >= 0``, ``Σ w = 1``."""
+    matrices = [torch.from_numpy(random(4, 6, s) * (1 + s)) for s in range(5)]
+    weighting = ExcessMTLWeighting(2.0)
+    first = weighting(matrices[0])
+    torch.testing.assert_close(first, torch.full((4,), 0.25, dtype=torch.float64))
+    for matrix in matrices[1:]:
+        weights = weighting(matrix)
+        assert bool((weights >= 0).all()) and abs(float(weights.sum()) - 1.0) < 1e-12
+    torch.testing.assert_close(ExcessMTL()(matrices[0]), matrices[0].mean(dim=0))
 
 
 def test_aggregator_is_weights_times_matrix():
@@ -70,7 +88,7 @@ def test_zero_rows():
     weighting(matrix)  # row 1: no reference yet and zero risk: ratio 0
     later = torch.tensor([[1.0, 2.0], [3.0, 0.0]], dtype=torch.float64)
     weights = weighting(later)  # row 1's first non-zero risk becomes its reference: ratio 1
-    assert bool(torch.isfinite(weights).all()) and abs(float(weights.sum()) - 2.0) < 1e-12
+    assert bool(torch.isfinite(weights).all()) and abs(float(weights.sum()) - 1.0) < 1e-12
     assert torch.equal(ExcessMTL()(torch.zeros(3, 4)), torch.zeros(4))
 
 
