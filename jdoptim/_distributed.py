@@ -15,7 +15,8 @@ same ``.grad``. Two ways to form the global loss vector:
     per-sample engine gathers only layer inputs and output gradients.
 
 Micro-batches of gradient accumulation combine in the same way, before the ranks do: averaged
-under ``"mean"``, rows stacked in call order under ``"concat"``.
+under ``"mean"``, rows stacked in call order under ``"concat"`` (see :mod:`jdoptim._path._combine`,
+which drives these collectives).
 
 Collectives run in a fixed order on a fixed parameter list. Before any tensor crosses, the ranks
 exchange a small signature (numbers of losses, which parameters the losses reach, shapes) and
@@ -27,15 +28,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
-
-from jdoptim.engine._reduce import total
-
-Mode = Literal["mean", "concat"]
 
 
 class PeerRankError(RuntimeError):
@@ -142,111 +139,3 @@ class Exchange:
             for i, chunk in zip(where, chunks, strict=True):
                 result[i] = chunk.view(tensors[i].shape)
         return result  # type: ignore[return-value]
-
-
-class JacobianAccumulator:
-    """Combine Jacobians of several micro-batches (and ranks) into the global one.
-
-    Each part is ``(m, blocks)``: per parameter, ``None`` (not reached) or its block, ``[m,
-    *p.shape]`` for an aggregated parameter and ``[1, *p.shape]`` (the summed gradient) for one in
-    ``summed``. Under ``"mean"`` the blocks are averaged (a running sum: the memory of one part);
-    under ``"concat"`` the rows of aggregated parameters are stacked and the summed gradients
-    added.
-
-    Parameters
-    ----------
-    mode:
-        ``"mean"`` or ``"concat"``.
-    summed:
-        Per parameter, whether it only gets the summed gradient.
-    """
-
-    def __init__(self, mode: Mode, summed: Sequence[bool]) -> None:
-        self.mode = mode
-        self.summed = list(summed)
-        self.count = 0
-        self._m: list[int] = []
-        self._parts: list[list[Tensor | None]] = []  # concat: every part; mean: the running sum
-
-    def add(self, m: int, blocks: Sequence[Tensor | None]) -> None:
-        """Add the Jacobian blocks of one micro-batch of ``m`` losses."""
-        if len(blocks) != len(self.summed):
-            raise ValueError(
-                f"got {len(blocks)} Jacobian blocks for {len(self.summed)} parameters: the "
-                "parameters changed during gradient accumulation"
-            )
-        if self.mode == "mean" and self._m and m != self._m[0]:
-            raise ValueError(
-                f"cross_rank='mean' averages micro-batches with the same number of losses: got "
-                f"{m} losses after {self._m[0]} (use cross_rank='concat' for per-sample losses)"
-            )
-        self.count += 1
-        self._m.append(m)
-        if self.mode == "concat" or not self._parts:
-            self._parts.append(list(blocks))
-            return
-        total = self._parts[0]
-        for k, b in enumerate(blocks):
-            if b is not None:
-                total[k] = b if total[k] is None else total[k] + b
-
-    def result(
-        self, params: Sequence[Tensor], exchange: Exchange | None, error: BaseException | None
-    ) -> list[Tensor | None]:
-        """The global blocks, after the exchange over ranks (``None``: single process).
-
-        Under an exchange, ``error`` (a failure of this rank's local part) is raised on every rank.
-        """
-        if exchange is None and error is not None:
-            raise error
-        blocks = self._local(params) if error is None else []
-        m = sum(self._m) if self.mode == "concat" else (self._m[0] if self._m else 0)
-        if exchange is None:
-            return blocks
-        reached = tuple(b is not None for b in blocks)
-        signatures = exchange.agree((m, reached), error)
-        ms = [sig[0] for sig in signatures]
-        if self.mode == "mean" and len(set(ms)) != 1:
-            raise ValueError(
-                f"cross_rank='mean' averages loss vectors of the same length on every rank, got "
-                f"{ms} losses on ranks 0..{len(ms) - 1} (use cross_rank='concat' for per-sample "
-                "losses)"
-            )
-        wanted = [any(sig[1][k] for sig in signatures) for k in range(len(params))]
-        rows = [1 if self.summed[k] else m for k in range(len(params))]
-        sent = [_filled(blocks[k], rows[k], params[k]) for k in range(len(params)) if wanted[k]]
-        if self.mode == "mean":
-            received = iter(exchange.mean(sent))
-            return [next(received) if w else None for w in wanted]
-        per_rank = exchange.gather(sent)
-        out: list[Tensor | None] = []
-        position = 0
-        for k, w in enumerate(wanted):
-            if not w:
-                out.append(None)
-                continue
-            pieces = [rank[position] for rank in per_rank]
-            position += 1
-            out.append(total(pieces) if self.summed[k] else torch.cat(pieces))
-        return out
-
-    def _local(self, params: Sequence[Tensor]) -> list[Tensor | None]:
-        if self.mode == "mean":
-            return [None if b is None else b / self.count for b in self._parts[0]]
-        out: list[Tensor | None] = []
-        for k, p in enumerate(params):
-            column = [part[k] for part in self._parts]
-            if all(b is None for b in column):
-                out.append(None)
-            elif self.summed[k]:
-                out.append(total([b for b in column if b is not None]))
-            else:
-                out.append(
-                    torch.cat([_filled(b, m, p) for b, m in zip(column, self._m, strict=True)])
-                )
-        return out
-
-
-def _filled(block: Tensor | None, rows: int, param: Tensor) -> Tensor:
-    """``block``, or zeros of its shape when this part does not reach the parameter."""
-    return param.new_zeros((rows, *param.shape)) if block is None else block

@@ -7,6 +7,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
+from jdoptim.aggregation import GramianWeightedAggregator
+
 
 def as_loss_vector(losses: object, *, check_finite: bool = True) -> Tensor:
     """Return ``losses`` as a 1-D tensor that requires grad, or raise a precise error.
@@ -53,6 +55,59 @@ def as_loss_vector(losses: object, *, check_finite: bool = True) -> Tensor:
     return vector
 
 
+def check_options(
+    optimizer: object,
+    aggregator: object,
+    shared_params: Iterable[Tensor] | None,
+    grad_scaler: object,
+    batch_dim: object,
+    path: object,
+    cross_rank: object,
+) -> tuple[list[Tensor] | None, str]:
+    """Check ``JacobianOptimizer``'s arguments; return the shared parameters and ``cross_rank``.
+
+    A parameter listed twice in ``shared_params`` is one parameter (kept once).
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer instance, got {type(optimizer).__name__}"
+        )
+    if not callable(aggregator):
+        raise TypeError(f"aggregator must be callable, got {type(aggregator).__name__}")
+    if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
+        raise TypeError(
+            f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}"
+        )
+    shared = None
+    if shared_params is not None:
+        shared = list({id(p): p for p in as_tensor_list(shared_params, "shared_params")}.values())
+        owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        for i, p in enumerate(shared):
+            if id(p) not in owned:
+                raise ValueError(
+                    f"shared_params[{i}] (shape {tuple(p.shape)}) is not a parameter of the "
+                    "wrapped optimizer"
+                )
+        if not shared:
+            raise ValueError("shared_params is empty")
+    if batch_dim is not None and (isinstance(batch_dim, bool) or batch_dim != 0):
+        raise ValueError(
+            f"batch_dim must be 0 (batch-first per-sample losses) or None, got {batch_dim!r}"
+        )
+    if path not in ("auto", "jacobian", "gramian"):
+        raise ValueError(f"path must be 'auto', 'jacobian' or 'gramian', got {path!r}")
+    if cross_rank is None:
+        cross_rank = "concat" if batch_dim is not None else "mean"
+    if cross_rank not in ("mean", "concat"):
+        raise ValueError(f"cross_rank must be 'mean', 'concat' or None, got {cross_rank!r}")
+    if path == "gramian" and not isinstance(aggregator, GramianWeightedAggregator):
+        raise ValueError(
+            f"path='gramian' needs an aggregator that works from the Gramian "
+            f"(a GramianWeightedAggregator), got {aggregator!r}"
+        )
+    return shared, cross_rank  # type: ignore[return-value]
+
+
 def as_tensor_list(tensors: Tensor | Iterable[Tensor], what: str) -> list[Tensor]:
     """Return ``tensors`` (one tensor or an iterable of them) as a list, checking each item."""
     items = [tensors] if isinstance(tensors, Tensor) else list(tensors)
@@ -69,15 +124,60 @@ def check_requires_grad(tensors: Sequence[Tensor], what: str) -> None:
             raise ValueError(f"{what}[{i}] (shape {tuple(t.shape)}) does not require grad")
 
 
+class NonFiniteError(ValueError):
+    """Gradients or updates hold NaN or inf (under a ``GradScaler``: an overflow, skipped)."""
+
+
+def all_finite(tensors: Sequence[Tensor]) -> bool:
+    """Whether every entry of every tensor is finite: one host read in the usual case.
+
+    The sums are finite exactly when no entry is NaN or inf, unless a sum of finite entries
+    overflows; only then is every entry checked.
+    """
+    if not tensors:
+        return True
+    sums = torch.stack([t.sum().to(torch.float64) for t in tensors])
+    return bool(torch.isfinite(sums).all()) or all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
 def check_finite_jacobians(jacobians: Sequence[Tensor | None]) -> None:
-    """Raise a ``ValueError`` naming the rows of the Jacobian that hold NaN or inf."""
-    for k, j in enumerate(jacobians):
-        if j is None:
-            continue
+    """Raise a :class:`NonFiniteError` naming the rows of the Jacobian that hold NaN or inf."""
+    present = [(k, j) for k, j in enumerate(jacobians) if j is not None]
+    if all_finite([j for _, j in present]):
+        return
+    for k, j in present:
         finite_rows = torch.isfinite(j.reshape(j.shape[0], -1)).all(dim=1)
         if not bool(finite_rows.all()):
             rows = (~finite_rows).nonzero().flatten().tolist()
-            raise ValueError(
+            raise NonFiniteError(
                 f"the Jacobian w.r.t. tensor {k} (shape {tuple(j.shape[1:])}) holds NaN or inf "
                 f"in the rows of losses {rows[:10]}"
             )
+
+
+def check_dense_gradients(losses: Tensor, params: Sequence[Tensor]) -> None:
+    """Raise if the graph of ``losses`` gives a parameter of ``params`` a sparse gradient.
+
+    ``nn.Embedding(sparse=True)``, ``nn.EmbeddingBag(sparse=True)`` and their functional forms
+    save ``sparse=True`` on their graph node; the Jacobian engines need dense rows.
+    """
+    index = {id(p): k for k, p in enumerate(params)}
+    seen: set[object] = set()
+    stack = [losses.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        children = [child for child, _ in node.next_functions]
+        if getattr(node, "_saved_sparse", False) is True:
+            for child in children:
+                k = index.get(id(getattr(child, "variable", None)), -1)
+                if k >= 0:
+                    raise ValueError(
+                        f"parameter {k} of the optimizer (shape {tuple(params[k].shape)}) gets a "
+                        f"sparse gradient from {node.name()}: jdoptim differentiates dense "
+                        "Jacobian rows; build the layer with sparse=False (or use batch_dim=0, "
+                        "whose per-sample engine supports sparse embeddings)"
+                    )
+        stack.extend(children)

@@ -13,7 +13,7 @@ import contextlib
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -24,10 +24,16 @@ from jdoptim.aggregation._bases import (
     WeightedAggregator,
 )
 
-if TYPE_CHECKING:
-    from jdoptim.optimizer import JacobianOptimizer
 
-__all__ = ["StepRecord", "StepRecorder"]
+class _Recordable(Protocol):
+    """What :class:`StepRecorder` needs of a :class:`~jdoptim.JacobianOptimizer`."""
+
+    def register_step_record_hook(self, hook: Callable[[Any, StepRecord], None]) -> Any: ...
+
+
+__all__ = ["RTOL", "StepRecord", "StepRecorder"]
+
+RTOL = 1e-5  # cosines above -RTOL are rounding, not conflicts
 
 
 @dataclass(frozen=True, eq=False)
@@ -88,8 +94,12 @@ class StepRecord:
 
     @property
     def conflicting_pairs(self) -> int:
-        """The number of pairs ``i < j`` whose gradients conflict (``⟨g_i, g_j⟩ < 0``)."""
-        return int((self.gramian.triu(diagonal=1) < 0).sum())
+        """The number of pairs ``i < j`` whose gradients conflict: ``cos(g_i, g_j) < -RTOL``.
+
+        ``RTOL`` (``1e-5``) keeps orthogonal gradients whose Gramian entry is a rounding error
+        (``±1e-9`` in float32, say) from counting as conflicts.
+        """
+        return int((self.cosine.triu(diagonal=1) < -RTOL).sum())
 
     @property
     def update_cosines(self) -> Tensor:
@@ -99,7 +109,7 @@ class StepRecord:
             scale > 0, self.update_products / torch.where(scale > 0, scale, 1.0), 0.0
         )
 
-    def conflicted_losses(self, rtol: float = 1e-5) -> Tensor:
+    def conflicted_losses(self, rtol: float = RTOL) -> Tensor:
         """Mask (``[m]``) of the losses the update increases: ``cos(g_i, u) < -rtol``.
 
         ``rtol`` absorbs the rounding of a Gramian computed in float32 (an update that is
@@ -113,41 +123,46 @@ class StepRecord:
         return bool(self.conflicted_losses().any())
 
 
+_ENGINES = {"jacobian": "jacobian", "samples": "per-sample", "layers": "layer-gramian"}
+
+
 class _Seen:
-    """What the aggregator was called with during one step (filled by :func:`capture`)."""
+    """What a non-Gramian aggregator was called with during one step (filled by :func:`capture`)."""
 
     def __init__(self) -> None:
-        self.gramian: Tensor | None = None
         self.matrix: Tensor | None = None
         self.weights: Tensor | None = None
         self.update: Tensor | None = None
-        self.jacobian_engine = False
 
-    def record(self, losses: Tensor, gramian_engine: str) -> StepRecord | None:
-        """The step's record, or ``None`` when no aggregation ran (a skipped overflow step)."""
-        engine = "jacobian" if self.jacobian_engine else gramian_engine
-        losses = losses.detach().double()
-        weights = None if self.weights is None else self.weights.detach().double()
-        if self.gramian is not None and weights is not None:
-            gramian = self.gramian.detach().double()
+    def record(self, weighed: Any, losses: Tensor, scale: float | None) -> StepRecord | None:
+        """The step's record, or ``None`` when no aggregation ran (a skipped overflow step).
+
+        ``weighed`` is the path's record of the weigh stage (the Gramian and weights a Gramian
+        aggregator used); ``losses`` are divided by ``scale`` (a ``GradScaler``'s) when given.
+        """
+        engine = _ENGINES[weighed.route]
+        losses = losses.detach().double() / (scale or 1.0)
+        if weighed is not None and weighed.gramian is not None and weighed.weights is not None:
+            gramian, weights = weighed.gramian.detach().double(), weighed.weights.detach().double()
             products = gramian @ weights
             norm = (weights @ products).clamp(min=0).sqrt()
             return StepRecord(losses, gramian, weights, products, norm, engine)
         if self.matrix is not None and self.update is not None:
             matrix, update = self.matrix.detach().double(), self.update.detach().double()
+            weights = None if self.weights is None else self.weights.detach().double()
             gramian, products = matrix @ matrix.T, matrix @ update
             return StepRecord(losses, gramian, weights, products, update.norm(), engine)
         return None
 
 
 @contextlib.contextmanager
-def capture(aggregator: Aggregator, engine: Any) -> Iterator[_Seen]:
-    """Watch the aggregator's calls (and whether ``engine.jacobians`` ran) for one step.
-
-    The methods are wrapped on the instances only for the duration of the ``with`` block.
+def capture(aggregator: Aggregator) -> Iterator[_Seen]:
+    """Watch, for one step, what a non-Gramian aggregator gets and returns (its ``J`` and
+    update: the Gramian is formed from them only for the record). The methods are wrapped on the
+    instance only for the duration of the ``with`` block.
     """
     seen = _Seen()
-    patches: dict[Any, dict[str, Callable[..., Any]]] = {aggregator: {}, engine: {}}
+    patches: dict[Any, dict[str, Callable[..., Any]]] = {aggregator: {}}
 
     def wrap(owner: Any, name: str, keep: Callable[..., None]) -> None:
         original = getattr(owner, name)
@@ -159,13 +174,10 @@ def capture(aggregator: Aggregator, engine: Any) -> Iterator[_Seen]:
 
         patches[owner][name] = watched
 
-    if isinstance(aggregator, GramianWeightedAggregator):
-        wrap(aggregator, "weights_from_gramian", lambda g, w: _keep(seen, gramian=g, weights=w))
-    else:
+    if not isinstance(aggregator, GramianWeightedAggregator):
         wrap(aggregator, "forward", lambda j, u: _keep(seen, matrix=j, update=u))
         if isinstance(aggregator, WeightedAggregator):
             wrap(aggregator, "weights", lambda j, w: _keep(seen, weights=w))
-    wrap(engine, "jacobians", lambda *_: setattr(seen, "jacobian_engine", True))
     try:
         for owner, methods in patches.items():
             for name, method in methods.items():
@@ -205,7 +217,7 @@ class StepRecorder:
     >>> recorder.remove()  # stop recording
     """
 
-    def __init__(self, optimizer: JacobianOptimizer, keep: int = 1) -> None:
+    def __init__(self, optimizer: _Recordable, keep: int = 1) -> None:
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
             raise ValueError(f"keep must be a positive int, got {keep!r}")
         self.records: deque[StepRecord] = deque(maxlen=keep)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
@@ -13,32 +12,16 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from jdoptim._distributed import Exchange, JacobianAccumulator, current_exchange
-from jdoptim._validation import as_loss_vector, as_tensor_list, check_finite_jacobians
+from jdoptim._aggregator_state import load_with, state_of
+from jdoptim._path import Path, Setup
+from jdoptim._validation import check_options
 from jdoptim.aggregation import Aggregator, GramianWeightedAggregator, UPGrad
 from jdoptim.diagnostics import StepRecord, capture
-from jdoptim.engine import (
-    JacobianEngine,
-    LayerGramianEngine,
-    NonFiniteGramianError,
-    PerSampleEngine,
-    aggregate_jacobians,
-)
-from jdoptim.engine._per_sample import combine_parts
+from jdoptim.engine import JacobianEngine, LayerGramianEngine, PerSampleEngine
 
 __all__ = ["JacobianOptimizer"]
 
 _STATE_KEY = "jdoptim"
-# Attributes that copies, pickles and fresh optimizers start without: micro-batches kept by
-# backward(..., accumulate=True), whether the aggregator state was synchronised across ranks,
-# and the bytes this rank sent in the last cross-rank exchange.
-# and whether backward() wrote .grad since the last step or zero_grad (Lightning's two-phase form).
-_TRANSIENT = {
-    "_pending": None,
-    "_ranks_synced": False,
-    "cross_rank_bytes": 0,
-    "_grad_written": False,
-}
 
 
 class JacobianOptimizer(Optimizer):
@@ -131,54 +114,17 @@ class JacobianOptimizer(Optimizer):
         path: Literal["auto", "jacobian", "gramian"] = "auto",
         cross_rank: Literal["mean", "concat"] | None = None,
     ) -> None:
-        if not isinstance(optimizer, Optimizer):
-            raise TypeError(
-                "optimizer must be a torch.optim.Optimizer instance, got "
-                f"{type(optimizer).__name__}"
-            )
         if isinstance(optimizer, JacobianOptimizer):
             raise TypeError("optimizer is already a JacobianOptimizer: do not wrap it twice")
-        if aggregator is None:
-            aggregator = UPGrad()
+        aggregator = UPGrad() if aggregator is None else aggregator
         if isinstance(aggregator, type):
             raise TypeError(
                 f"aggregator must be an instance, got the class {aggregator.__name__}: "
                 f"pass {aggregator.__name__}() instead"
             )
-        if not callable(aggregator):
-            raise TypeError(f"aggregator must be callable, got {type(aggregator).__name__}")
-        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
-            raise TypeError(
-                f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}"
-            )
-        shared = None
-        if shared_params is not None:
-            shared = as_tensor_list(shared_params, "shared_params")
-            owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
-            for i, p in enumerate(shared):
-                if id(p) not in owned:
-                    raise ValueError(
-                        f"shared_params[{i}] (shape {tuple(p.shape)}) is not a parameter of the "
-                        "wrapped optimizer"
-                    )
-            if not shared:
-                raise ValueError("shared_params is empty")
-        if batch_dim is not None and (isinstance(batch_dim, bool) or batch_dim != 0):
-            raise ValueError(
-                f"batch_dim must be 0 (batch-first per-sample losses) or None, got {batch_dim!r}"
-            )
-        if path not in ("auto", "jacobian", "gramian"):
-            raise ValueError(f"path must be 'auto', 'jacobian' or 'gramian', got {path!r}")
-        if cross_rank is None:
-            cross_rank = "concat" if batch_dim is not None else "mean"
-        if cross_rank not in ("mean", "concat"):
-            raise ValueError(f"cross_rank must be 'mean', 'concat' or None, got {cross_rank!r}")
-        gramian_based = isinstance(aggregator, GramianWeightedAggregator)
-        if path == "gramian" and not gramian_based:
-            raise ValueError(
-                f"path='gramian' needs an aggregator that works from the Gramian "
-                f"(a GramianWeightedAggregator), got {aggregator!r}"
-            )
+        shared, cross_rank = check_options(
+            optimizer, aggregator, shared_params, grad_scaler, batch_dim, path, cross_rank
+        )
         # Initialise like every Optimizer (hook dicts, patched step) without a second copy of
         # the parameter groups: those live in the wrapped optimizer.
         Optimizer.__setstate__(
@@ -191,14 +137,17 @@ class JacobianOptimizer(Optimizer):
                 "engine": JacobianEngine(parallel_chunk_size),
                 "gramian_engine": None,
                 "cross_rank": cross_rank,
-                **_TRANSIENT,
+                "_path": Path(),  # micro-batches kept between calls, the last step's record
+                "_grad_written": False,  # by backward(), since the last step or zero_grad
             },
         )
         if path == "jacobian":
             return
         if batch_dim is not None:
             self.gramian_engine = PerSampleEngine(self._params, parallel_chunk_size)
-        elif path == "gramian" or (shared is not None and gramian_based):
+        elif path == "gramian" or (
+            shared is not None and isinstance(aggregator, GramianWeightedAggregator)
+        ):
             aggregated = self._params if shared is None else self._shared_params
             self.gramian_engine = LayerGramianEngine(aggregated, parallel_chunk_size)
 
@@ -224,7 +173,8 @@ class JacobianOptimizer(Optimizer):
             "engine": self.engine,
             "gramian_engine": self.gramian_engine,
             "cross_rank": self.cross_rank,
-            **_TRANSIENT,
+            "_path": Path(),  # copies and pickles start without kept micro-batches
+            "_grad_written": False,
         }
 
     def __repr__(self) -> str:
@@ -232,6 +182,11 @@ class JacobianOptimizer(Optimizer):
             f"{type(self).__name__}(\n  optimizer={self.optimizer!r},\n"
             f"  aggregator={self.aggregator!r}\n)"
         )
+
+    @property
+    def cross_rank_bytes(self) -> int:
+        """Bytes this rank sent in the last cross-rank exchange (``0`` in a single process)."""
+        return self._path.bytes_sent
 
     def register_step_record_hook(
         self, hook: Callable[[JacobianOptimizer, StepRecord], None]
@@ -276,7 +231,12 @@ class JacobianOptimizer(Optimizer):
         return handle
 
     def _params(self) -> list[Tensor]:
-        return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+        # Torch warns about a parameter listed twice in a group (and keeps it twice); its
+        # Jacobian columns and its .grad are counted once here.
+        params = {
+            id(p): p for group in self.param_groups for p in group["params"] if p.requires_grad
+        }
+        return list(params.values())
 
     def _shared_params(self) -> list[Tensor]:
         return self.shared_params
@@ -290,7 +250,10 @@ class JacobianOptimizer(Optimizer):
             Re-evaluates the model and returns the losses: a tensor of any shape (flattened) or a
             list/tuple of scalar tensors. It usually calls :meth:`zero_grad` first. It is called
             exactly once, with grad enabled. Without a closure, ``.grad`` must already hold the
-            update (see :meth:`backward`) and only the wrapped optimizer's step runs.
+            update (see :meth:`backward`) and only the wrapped optimizer's step runs. The same
+            holds when :meth:`backward` wrote ``.grad`` inside the closure, or before a closure
+            that returns ``None`` (Lightning's ``step()`` passes such a closure). A closure that
+            calls ``loss.backward()`` itself is an error that says what to do.
 
         Returns
         -------
@@ -304,6 +267,7 @@ class JacobianOptimizer(Optimizer):
         params = self._params()
         saved_grads = [p.grad for p in params]
         written_before, self._grad_written = self._grad_written, False
+        weighed = False
         try:
             with torch.enable_grad():
                 losses = closure()
@@ -314,12 +278,15 @@ class JacobianOptimizer(Optimizer):
             else:
                 _check_not_backpropagated(losses, params, saved_grads)
                 vector = self._backward_closure_losses(losses)
+                weighed = True
+            self.optimizer.step()  # one that raises before updating leaves everything as it was
         except BaseException:
             for p, g in zip(params, saved_grads, strict=True):
                 p.grad = g
+            if weighed:
+                self._path.undo()
             self._grad_written = written_before
             raise
-        self.optimizer.step()
         self._grad_written = False
         return vector
 
@@ -378,213 +345,29 @@ class JacobianOptimizer(Optimizer):
         """
         if not isinstance(accumulate, bool):
             raise TypeError(f"accumulate must be a bool, got {type(accumulate).__name__}")
-        hooks = self.__dict__.get("_step_record_hooks")
-        if not hooks or accumulate:
-            with _autocast_off():
-                vector = self._backward(losses, accumulate)
-            self._grad_written = self._grad_written or not accumulate
-            return vector
-        engine = (
-            "per-sample" if isinstance(self.gramian_engine, PerSampleEngine) else "layer-gramian"
-        )
-        with _autocast_off(), capture(self.aggregator, self.engine) as seen:
-            vector = self._backward(losses, accumulate)
-        self._grad_written = True
-        record = seen.record(vector / self._scale(), engine)
-        if record is not None:
-            for hook in list(hooks.values()):
-                hook(self, record)
-        return vector
-
-    def _backward(
-        self, losses: Tensor | list[Tensor] | tuple[Tensor, ...], accumulate: bool
-    ) -> Tensor:
         params = self._params()
         if not params:
             raise ValueError("the wrapped optimizer holds no parameter that requires grad")
-        exchange = current_exchange()
-        if exchange is not None or accumulate or self._pending is not None:
-            return self._combined_backward(losses, params, accumulate, exchange)
-        scaler = self.grad_scaler
-        scaling = scaler is not None and scaler.is_enabled()
-        with torch.enable_grad():
-            # Under an enabled GradScaler, non-finite losses are an overflow: the scaler skips.
-            vector = as_loss_vector(losses, check_finite=not scaling)
-            if self.gramian_engine is not None:
-                if isinstance(self.aggregator, GramianWeightedAggregator):
-                    return self._gramian_backward(vector, params)
-                self.gramian_engine.clear()  # this aggregator needs the whole Jacobian
-            jacobians = self.engine.jacobians(vector, params)
-        with torch.no_grad():
-            return self._write_aggregation(vector.detach(), params, jacobians)
-
-    def _gramian_backward(self, vector: Tensor, params: list[Tensor]) -> Tensor:
-        scale = self._scale()
-        summed_only = self._summed_only(params)
-        self._write_gramian_step(
-            lambda: self.gramian_engine.gramian_step(
-                vector,
-                params,
-                self.aggregator.weights_from_gramian,
-                summed_only=summed_only,
-                unscale=scale,
-            ),
-            params,
+        setup = Setup(
+            engine=self.engine,
+            gramian_engine=self.gramian_engine,
+            aggregator=self.aggregator,
+            shared=self.shared_params,
+            cross_rank=self.cross_rank,
+            scaler=self.grad_scaler,
         )
-        return vector.detach()
-
-    def _scale(self) -> float:
-        scaler = self.grad_scaler
-        return scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
-
-    def _summed_only(self, params: list[Tensor]) -> frozenset[int]:
-        if self.shared_params is None:
-            return frozenset()
-        return frozenset(id(p) for p in params) - {id(p) for p in self.shared_params}
-
-    def _combined_backward(
-        self,
-        losses: Tensor | list[Tensor] | tuple[Tensor, ...],
-        params: list[Tensor],
-        accumulate: bool,
-        exchange: Exchange | None,
-    ) -> Tensor:
-        """Accumulate a micro-batch, or combine the kept ones (and the ranks) and aggregate."""
-        scaler = self.grad_scaler
-        scaling = scaler is not None and scaler.is_enabled()
-        scale = self._scale()
-        summed_only = self._summed_only(params)
-        pieces = (
-            isinstance(self.gramian_engine, PerSampleEngine)
-            and isinstance(self.aggregator, GramianWeightedAggregator)
-            and self.cross_rank == "concat"
-        )
-        pending, self._pending = self._pending, None
-        if pending is None:
-            summed = [id(p) in summed_only for p in params]
-            pending = [] if pieces else JacobianAccumulator(self.cross_rank, summed)
-        elif isinstance(pending, list) != pieces:
-            raise RuntimeError("the aggregator or the parameters changed during accumulation")
-        error, vector = None, None
-        try:
-            with torch.enable_grad():
-                vector = as_loss_vector(losses, check_finite=not scaling)
-                if pieces:
-                    pending.append(
-                        self.gramian_engine.collect(
-                            vector, params, summed_only=summed_only, unscale=scale
-                        )
-                    )
-                else:
-                    if self.gramian_engine is not None:
-                        self.gramian_engine.clear()  # the Jacobian path serves this step
-                    jacobians = self.engine.jacobians(vector, params)
-                    pending.add(
-                        vector.shape[0],
-                        [
-                            j.sum(dim=0, keepdim=True)
-                            if j is not None and id(p) in summed_only
-                            else j
-                            for p, j in zip(params, jacobians, strict=True)
-                        ],
-                    )
-        except Exception as e:
-            if exchange is None or accumulate:
-                raise
-            error = e  # raised on every rank by the exchange below
-        if accumulate:
-            self._pending = pending
-            return vector.detach()
-        if exchange is not None and not self._ranks_synced:
-            exchange.sync_state(self.aggregator)
-            self._ranks_synced = True
-        if not pieces:
-            blocks = pending.result(params, exchange, error)
-            with torch.no_grad():
-                self._write_aggregation(vector.detach(), params, blocks)
-        else:
-            gather = signatures = None
-            if exchange is not None:
-                local = None if error is not None else [p.signature(params) for p in pending]
-                signatures = exchange.agree(local, error)
-                gather = exchange.gather
-            self._write_gramian_step(
-                lambda: combine_parts(
-                    pending,
-                    params,
-                    self.aggregator.weights_from_gramian,
-                    summed_only,
-                    gather=gather,
-                    signatures=signatures,
-                ),
-                params,
-            )
-        if exchange is not None:
-            self.cross_rank_bytes = exchange.bytes_sent
-        return vector.detach()
-
-    def _write_gramian_step(
-        self, run: Callable[[], tuple[list[Tensor | None], Tensor]], params: list[Tensor]
-    ) -> None:
-        scaler = self.grad_scaler
-        scaling = scaler is not None and scaler.is_enabled()
-        scale = self._scale()
-        try:
-            updates, _ = run()
-            reached = [(p, u) for p, u in zip(params, updates, strict=True) if u is not None]
-            # One host sync: a NaN or inf in any update makes its sum non-finite.
-            if reached and not bool(
-                torch.isfinite(torch.stack([u.sum() for _, u in reached])).all()
-            ):
-                raise NonFiniteGramianError("the per-sample gradients hold NaN or inf")
-        except NonFiniteGramianError:
-            if not scaling:
-                raise
-            # Overflow under a GradScaler: non-finite .grad makes scaler.step skip the step.
-            with torch.no_grad():
-                self._write_grads([(p, torch.full_like(p, float("inf"))) for p in params])
-            return
-        with torch.no_grad():
-            self._write_grads([(p, u * scale) for p, u in reached])
-
-    def _write_aggregation(
-        self, vector: Tensor, params: list[Tensor], jacobians: list[Tensor | None]
-    ) -> Tensor:
-        scaler = self.grad_scaler
-        if all(j is None for j in jacobians):
-            raise ValueError("the losses do not depend on any parameter of the wrapped optimizer")
-        reached = [(p, j) for p, j in zip(params, jacobians, strict=True) if j is not None]
-        if scaler is not None and scaler.is_enabled():
-            scale = scaler.get_scale()
-            if not all(bool(torch.isfinite(j).all()) for _, j in reached):
-                self._write_grads([(p, torch.full_like(p, float("inf"))) for p, _ in reached])
-                return vector
-            reached = [(p, j / scale) for p, j in reached]
-            grads = self._aggregate(reached)
-            self._write_grads([(p, g * scale) for p, g in grads])
-        else:
-            check_finite_jacobians([j for _, j in reached])
-            self._write_grads(self._aggregate(reached))
+        hooks = self.__dict__.get("_step_record_hooks")
+        with _autocast_off():
+            if not hooks or accumulate:
+                vector = self._path.backward(losses, params, setup, accumulate)
+            else:
+                with capture(self.aggregator) as seen:
+                    vector = self._path.backward(losses, params, setup, accumulate)
+                record = seen.record(self._path.record, vector, setup.scale())
+                for hook in list(hooks.values()):
+                    hook(self, record)
+        self._grad_written = self._grad_written or not accumulate
         return vector
-
-    def _aggregate(self, reached: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
-        """Aggregate the Jacobian blocks of the shared parameters; sum the rows of the others."""
-        if self.shared_params is None:
-            shared, others = reached, []
-        else:
-            shared_ids = {id(p) for p in self.shared_params}
-            shared = [(p, j) for p, j in reached if id(p) in shared_ids]
-            others = [(p, j.sum(dim=0)) for p, j in reached if id(p) not in shared_ids]
-            if not shared:
-                raise ValueError("the losses do not depend on any of the shared_params")
-        updates = aggregate_jacobians([j for _, j in shared], self.aggregator)
-        return [*((p, u) for (p, _), u in zip(shared, updates, strict=True)), *others]
-
-    @staticmethod
-    def _write_grads(grads: list[tuple[Tensor, Tensor]]) -> None:
-        for p, g in grads:
-            g = g.to(p.dtype)
-            p.grad = g if p.grad is None else p.grad + g
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset the gradients of the wrapped optimizer and delete any ``.jac`` left on them."""
@@ -612,7 +395,7 @@ class JacobianOptimizer(Optimizer):
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         state_dict = self.optimizer.state_dict()
-        state_dict[_STATE_KEY] = {"aggregator": _aggregator_state(self.aggregator)}
+        state_dict[_STATE_KEY] = {"aggregator": state_of(self.aggregator)}
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, state_dict)
             if result is not None:
@@ -627,24 +410,9 @@ class JacobianOptimizer(Optimizer):
             if result is not None:
                 state_dict = result
         extra = state_dict.pop(_STATE_KEY, None)
-        aggregator_state = {} if extra is None else extra.get("aggregator", {})
-        if extra is None and _aggregator_state(self.aggregator):
-            raise KeyError(
-                f"the state dict has no {_STATE_KEY!r} key but {self.aggregator!r} is stateful"
-            )
-        load = getattr(self.aggregator, "load_state_dict", None)
-        if load is None and aggregator_state:
-            raise ValueError("the state dict holds aggregator state the aggregator cannot load")
-        # A failed load (aggregator or inner optimizer) leaves both as they were.
-        previous = copy.deepcopy(_aggregator_state(self.aggregator))
-        try:
-            if load is not None:
-                load(aggregator_state)
-            self.optimizer.load_state_dict(state_dict)
-        except BaseException:
-            if load is not None:
-                load(previous)
-            raise
+        load_with(
+            self.aggregator, extra, _STATE_KEY, lambda: self.optimizer.load_state_dict(state_dict)
+        )
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
@@ -692,8 +460,3 @@ def _detached(losses: Any) -> Tensor:
     if isinstance(losses, (list, tuple)):
         return torch.stack([torch.as_tensor(loss).detach().reshape(()) for loss in losses])
     return torch.as_tensor(losses).detach().reshape(-1)
-
-
-def _aggregator_state(aggregator: Callable[[Tensor], Tensor]) -> dict[str, Any]:
-    get = getattr(aggregator, "state_dict", None)
-    return {} if get is None else get()

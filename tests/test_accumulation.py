@@ -147,7 +147,7 @@ def test_step_with_closure_consumes_the_accumulated_micro_batches():
     for p, p0, u in zip(model.parameters(), before, _split(expected, model), strict=True):
         torch.testing.assert_close(p.detach(), p0 - 0.5 * u.view_as(p), rtol=1e-7, atol=1e-9)
     # Nothing is left over: the next backward is a plain one.
-    assert opt._pending is None
+    assert opt._path.pending is None
 
 
 def test_bad_accumulation_inputs_raise_precise_errors():
@@ -159,7 +159,7 @@ def test_bad_accumulation_inputs_raise_precise_errors():
     opt.backward(model(x).sum(dim=0), accumulate=True)  # 3 losses
     with pytest.raises(ValueError, match="same number of losses: got 4 losses after 3"):
         opt.backward(model(x).sum(dim=1))  # 4 losses
-    assert opt._pending is None  # a failed call drops the accumulated micro-batches
+    assert opt._path.pending is None  # a failed call drops the accumulated micro-batches
     assert all(p.grad is None for p in model.parameters())  # and writes nothing
     with pytest.raises(ValueError, match="cross_rank must be 'mean', 'concat' or None, got 'sum'"):
         JacobianOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), cross_rank="sum")

@@ -232,3 +232,32 @@ def test_hooks_need_an_aggregator_instance():
     opt = JacobianOptimizer(torch.optim.SGD([w], lr=0.1), lambda j: j.sum(dim=0))
     with pytest.raises(TypeError, match=r"step records need a jdoptim\.aggregation\.Aggregator"):
         opt.register_step_record_hook(lambda *_: None)
+
+
+@pytest.mark.parametrize("aggregator", [UPGrad, lambda: TrimmedMean(1)], ids=["upgrad", "trimmed"])
+def test_under_a_grad_scaler_the_record_is_unscaled(aggregator):
+    """``opt.backward(scaler.scale(losses))``: the record equals the unscaled step's."""
+    records = []
+    for scale in (None, 1024.0):
+        net, x, y = _trained(0, torch.float64)
+        scaler = None if scale is None else torch.amp.GradScaler("cpu", init_scale=scale)
+        opt = JacobianOptimizer(
+            torch.optim.SGD(net.parameters(), lr=0.1), aggregator(), grad_scaler=scaler
+        )
+        recorder = StepRecorder(opt)
+        losses = _task_losses(net, x, y, False)
+        opt.backward(losses if scaler is None else scaler.scale(losses))
+        records.append(recorder.last)
+    plain, scaled = records
+    for field in ("losses", "gramian", "update_products", "update_norm"):
+        torch.testing.assert_close(getattr(scaled, field), getattr(plain, field))
+
+
+def test_orthogonal_gradients_with_rounding_noise_do_not_count_as_conflicts():
+    """Gramian entries of ±1e-9 relative to the norms are rounding (cosines of ±1e-9)."""
+    gramian = torch.tensor([[1.0, -1e-9, -0.5], [-1e-9, 4.0, 1e-9], [-0.5, 1e-9, 1.0]])
+    gramian = gramian.double()
+    weights = torch.ones(3, dtype=torch.float64)
+    products = gramian @ weights
+    record = StepRecord(torch.ones(3), gramian, weights, products, products.sum().sqrt(), "x")
+    assert record.conflicting_pairs == 1  # only (0, 2), at cosine -0.5

@@ -28,7 +28,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from jdoptim import JacobianOptimizer
-from jdoptim.aggregation import Random, UPGrad
+from jdoptim.aggregation import GramianWeightedAggregator, Random, UPGrad
+from tests.test_optimizer_atomic import _CountingWeighting
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -160,7 +161,36 @@ def _edge_cases(rank: int) -> dict[str, object]:
         out["collectives_while_accumulating"] = counter.calls
         opt.backward(model(x).sum(dim=1))
         out["collectives_at_the_end"] = counter.calls
+    out["record_m"] = (opt._path.record.m, tuple(opt._path.record.gramian.shape))
+    for name, batch_dim in (("atomic_samples", 0), ("atomic_mean", None)):
+        out[name] = _failed_late(model, x, batch_dim)
     return out
+
+
+def _failed_late(model: nn.Module, x: torch.Tensor, batch_dim: int | None) -> tuple:
+    """A step whose weights are NaN (after the exchange): what it raised and what it changed."""
+    opt = JacobianOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+        GramianWeightedAggregator(_CountingWeighting(poison_at=2)),
+        batch_dim=batch_dim,
+    )
+
+    def losses():
+        return model(x).sum(dim=1) if batch_dim == 0 else model(x).mean(dim=0)
+
+    opt.step(losses)  # call 1: momentum state
+    before = [(p.detach().clone(), p.grad.clone()) for p in model.parameters()]
+    momentum = str(opt.optimizer.state_dict())
+    try:
+        opt.step(losses)
+    except Exception as e:
+        unchanged = all(
+            torch.equal(p, v) and torch.equal(p.grad, g)
+            for p, (v, g) in zip(model.parameters(), before, strict=True)
+        )
+        calls = int(opt.aggregator.state_dict()["calls"])
+        return type(e).__name__, unchanged, momentum == str(opt.optimizer.state_dict()), calls
+    return ("no error",)
 
 
 def _worker(rank: int, world: int, port: int, folder: str) -> None:
@@ -245,6 +275,17 @@ def test_a_failure_on_one_rank_raises_on_every_rank(ranks):
     for rank in (rank0, rank1):
         assert rank["unequal"][0] == "ValueError"
         assert "[2, 3] losses" in rank["unequal"][1]
+
+
+def test_a_failure_after_the_exchange_changes_nothing_on_any_rank(ranks):
+    for rank in ranks:
+        for name in ("atomic_samples", "atomic_mean"):
+            assert rank["edge_cases"][name] == ("NonFiniteError", True, True, 1), name
+
+
+def test_the_step_record_holds_the_global_gramian(ranks):
+    for rank in ranks:
+        assert rank["edge_cases"]["record_m"] == (16, (16, 16))  # 2 micro-batches x 4 x 2 ranks
 
 
 def test_accumulation_exchanges_only_at_the_final_micro_batch(ranks):

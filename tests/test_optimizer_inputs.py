@@ -360,3 +360,15 @@ def test_a_failed_load_state_dict_leaves_the_optimizer_and_aggregator_unchanged(
         for name, v in s.items():
             assert torch.equal(v, after["state"][k][name])
     assert target.aggregator.state_dict() == aggregator_before
+
+
+def test_the_finiteness_check_is_not_fooled_by_a_sum_that_overflows():
+    """The one-read check sums each tensor; a finite tensor whose sum overflows is still finite."""
+    from jdoptim._validation import all_finite
+
+    big = torch.full((4,), 3e38)  # finite float32 entries; their sum is inf
+    assert bool(torch.isinf(big.sum()))
+    assert all_finite([big, torch.ones(2, dtype=torch.float64)])
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        assert not all_finite([torch.ones(3), torch.tensor([1.0, bad])])
+    assert not all_finite([torch.tensor([float("inf"), -float("inf")])])  # the sum is NaN

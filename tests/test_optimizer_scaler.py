@@ -224,3 +224,59 @@ def test_item20_per_sample_engine_under_a_scaler_equals_the_fp32_jacobian_step(a
     for a, b in zip(before, _params(scaled), strict=True):
         assert torch.equal(a, b)
     assert scaler.get_scale() == scale * scaler.get_backoff_factor()
+
+
+# Routes of the path under fp16 autocast; the layer-Gramian engine's autocast support is the
+# engine's (issue 13, "dtypes"), tested with that engine.
+FP16_ROUTES = {
+    "jacobian": ({}, False),
+    "samples": ({"batch_dim": 0}, False),
+    "accumulated_jacobian_mean": ({}, True),
+    "accumulated_samples_concat": ({"batch_dim": 0}, True),
+}
+
+
+def _fp16_losses(model: nn.Module, rows: slice, half: bool) -> torch.Tensor:
+    g = torch.Generator().manual_seed(8)
+    x, y = torch.randn(8, 3, generator=g)[rows], torch.randn(8, 3, generator=g)[rows]
+    with torch.autocast("cpu", dtype=torch.float16):
+        losses = (model(x).float() - y).pow(2).sum(dim=1)  # one loss per sample
+    return losses.half() if half else losses
+
+
+def _fp16_step(route: str, half: bool, scaler: torch.amp.GradScaler) -> nn.Module:
+    kwargs, split = FP16_ROUTES[route]
+    model = _model()
+    opt = JacobianOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), UPGrad(), grad_scaler=scaler, **kwargs
+    )
+    if split:  # two micro-batches of 4 samples (same size: "mean" averages them)
+        opt.backward(scaler.scale(_fp16_losses(model, slice(0, 4), half)), accumulate=True)
+        opt.backward(scaler.scale(_fp16_losses(model, slice(4, 8), half)))
+    else:
+        opt.backward(scaler.scale(_fp16_losses(model, slice(None), half)))
+    scaler.step(opt)
+    scaler.update()
+    return model
+
+
+@pytest.mark.parametrize("half", [False, True], ids=["fp32_losses", "fp16_losses"])
+@pytest.mark.parametrize("route", FP16_ROUTES)
+def test_fp16_autocast_with_a_grad_scaler_equals_the_unscaled_step(route, half):
+    """Power-of-two scaling is exact in fp16 (no overflow here): the scaled step is the same."""
+    plain = _fp16_step(route, half, torch.amp.GradScaler("cpu", enabled=False))
+    scaled = _fp16_step(route, half, torch.amp.GradScaler("cpu", init_scale=2.0**12))
+    for a, b in zip(_params(plain), _params(scaled), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-8)
+    assert any(
+        not torch.equal(a, b) for a, b in zip(_params(_model()), _params(scaled), strict=True)
+    )
+
+
+@pytest.mark.parametrize("route", FP16_ROUTES)
+def test_fp16_overflow_skips_the_step_on_every_route(route):
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)  # fp16 gradients overflow
+    model = _fp16_step(route, True, scaler)
+    for a, b in zip(_params(_model()), _params(model), strict=True):
+        assert torch.equal(a, b)
+    assert scaler.get_scale() == 2.0**24 * scaler.get_backoff_factor()

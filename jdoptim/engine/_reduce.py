@@ -1,8 +1,13 @@
-"""Aggregation of per-tensor Jacobian blocks without concatenating them when possible."""
+"""Aggregation of per-tensor Jacobian blocks without concatenating them when possible.
+
+Blocks may differ in dtype (a model with float32 and float64 parameters): the Gramian is then
+accumulated in the promoted dtype, each block's update is formed in the block's own dtype.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import reduce
 
 import torch
 from torch import Tensor
@@ -19,12 +24,52 @@ def total(tensors: Sequence[Tensor]) -> Tensor:
 
 
 def gramian(jacobians: Sequence[Tensor]) -> Tensor:
-    """Return ``G = Σ_k J_k J_kᵀ`` for blocks ``J_k`` of shape ``[m, *shape_k]``."""
+    """Return ``G = Σ_k J_k J_kᵀ`` for blocks ``J_k`` of shape ``[m, *shape_k]``.
+
+    Each product is formed in its block's dtype and summed in the dtypes' promotion (``float64``
+    when float32 and float64 blocks meet).
+
+    Examples
+    --------
+    >>> import torch
+    >>> gramian([torch.ones(2, 3), torch.ones(2, 1, dtype=torch.float64)])
+    tensor([[4., 4.],
+            [4., 4.]], dtype=torch.float64)
+    """
     blocks = [j.reshape(j.shape[0], -1) for j in jacobians]
-    result = blocks[0] @ blocks[0].T
-    for block in blocks[1:]:
-        result = result.addmm_(block, block.T)
-    return result
+    dtype = reduce(torch.promote_types, [b.dtype for b in blocks])
+    result: Tensor | None = None
+    for block in blocks:
+        if block.dtype != dtype:
+            product = (block @ block.T).to(dtype)
+            result = product if result is None else result.add_(product)
+        else:
+            result = block @ block.T if result is None else result.addmm_(block, block.T)
+    return result  # type: ignore[return-value]
+
+
+def weighted_blocks(weights: Tensor, jacobians: Sequence[Tensor]) -> list[Tensor]:
+    """Return ``Σ_i w_i J_k[i]`` for each block ``J_k``, in the block's dtype."""
+    return [torch.tensordot(weights.to(j.dtype), j, dims=1) for j in jacobians]
+
+
+def concat_rows(jacobians: Sequence[Tensor]) -> Tensor:
+    """Return the ``[m, n]`` matrix whose column blocks are ``jacobians`` (dtypes promoted)."""
+    return torch.cat([j.reshape(j.shape[0], -1) for j in jacobians], dim=1)
+
+
+def split_update(update: object, jacobians: Sequence[Tensor]) -> list[Tensor]:
+    """Split an aggregator's ``[n]`` update into one tensor per block, checking its shape."""
+    n = sum(j[0].numel() for j in jacobians)
+    if not isinstance(update, Tensor) or update.shape != (n,):
+        raise ValueError(
+            f"the aggregator must return a vector of shape [{n}], got "
+            f"{tuple(update.shape) if isinstance(update, Tensor) else type(update).__name__}"
+        )
+    return [
+        u.view(j.shape[1:])
+        for u, j in zip(update.split([j[0].numel() for j in jacobians]), jacobians, strict=True)
+    ]
 
 
 def aggregate_jacobians(
@@ -37,16 +82,5 @@ def aggregate_jacobians(
     concatenated ``[m, n]`` matrix.
     """
     if isinstance(aggregator, GramianWeightedAggregator):
-        weights = aggregator.weights_from_gramian(gramian(jacobians))
-        return [torch.tensordot(weights, j, dims=1) for j in jacobians]
-    matrix = torch.cat([j.reshape(j.shape[0], -1) for j in jacobians], dim=1)
-    update = aggregator(matrix)
-    if not isinstance(update, Tensor) or update.shape != (matrix.shape[1],):
-        raise ValueError(
-            f"the aggregator must return a vector of shape [{matrix.shape[1]}], got "
-            f"{tuple(update.shape) if isinstance(update, Tensor) else type(update).__name__}"
-        )
-    return [
-        u.view_as(j[0])
-        for u, j in zip(update.split([j[0].numel() for j in jacobians]), jacobians, strict=True)
-    ]
+        return weighted_blocks(aggregator.weights_from_gramian(gramian(jacobians)), jacobians)
+    return split_update(aggregator(concat_rows(jacobians)), jacobians)

@@ -1,0 +1,44 @@
+"""The aggregator's state, as checkpoints save and load it and as a failed step rolls it back."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+
+def state_of(aggregator: object) -> dict[str, Any]:
+    """The aggregator's ``state_dict()`` (empty for a plain callable or a stateless method)."""
+    get = getattr(aggregator, "state_dict", None)
+    return {} if get is None else get()
+
+
+def snapshot(aggregator: object) -> dict[str, Any] | None:
+    """A deep copy of a stateful aggregator's state; ``None`` when it has none."""
+    state = state_of(aggregator)
+    return copy.deepcopy(state) if state else None
+
+
+def load_with(
+    aggregator: object, saved: dict[str, Any] | None, key: str, load_inner: Callable[[], None]
+) -> None:
+    """Load ``saved`` (the checkpoint's ``key`` entry) into the aggregator, then ``load_inner``.
+
+    Strict: a stateful aggregator needs the entry, a stateless one refuses state. A failure of
+    either load leaves both as they were.
+    """
+    state = {} if saved is None else saved.get("aggregator", {})
+    if saved is None and state_of(aggregator):
+        raise KeyError(f"the state dict has no {key!r} key but {aggregator!r} is stateful")
+    load = getattr(aggregator, "load_state_dict", None)
+    if load is None and state:
+        raise ValueError("the state dict holds aggregator state the aggregator cannot load")
+    previous = copy.deepcopy(state_of(aggregator))
+    try:
+        if load is not None:
+            load(state)
+        load_inner()
+    except BaseException:
+        if load is not None:
+            load(previous)
+        raise
