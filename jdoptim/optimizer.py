@@ -98,7 +98,7 @@ class JacobianOptimizer(Optimizer):
         gradients. ``None`` (default): ``"concat"`` with ``batch_dim=0``, ``"mean"`` otherwise.
         Every rank then runs the same aggregation and writes the same ``.grad``; ``step`` and
         ``backward`` return the local losses. After each exchange, ``cross_rank_bytes`` holds
-        the bytes this rank sent. See :doc:`distributed`.
+        the bytes this rank sent. See :doc:`/distributed`.
 
     Notes
     -----
