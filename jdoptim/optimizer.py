@@ -74,7 +74,7 @@ class JacobianOptimizer(Optimizer):
         ``torch.compile``); they are removed when the optimizer is dropped or by
         :meth:`remove_hooks`. Losses that mix samples are rejected with an explanation
         (``BatchNorm`` in training mode, and a randomly weighted second backward on the first
-        step and every 100 steps: see :doc:`performance`).
+        step and every 100 steps: see :doc:`/performance`).
     path:
         How the Jacobian is differentiated. ``"auto"`` (default): with ``batch_dim``, the
         per-sample engine above; with ``shared_params`` and an aggregator that needs only the

@@ -110,6 +110,12 @@ def _h(*triples: tuple[str, str, str]) -> tuple[HyperParameter, ...]:
 
 _PREF = ("pref_vector", "None", "preference over the rows (None: uniform)")
 _SEED = ("seed", "None", "seed of the method's own random generator")
+_PROJECTOR = (
+    "projector",
+    "None",
+    "dual-cone projector; None: the exact ExactProjector() (QuadprogProjector() reproduces "
+    "TorchJD's regularised answers)",
+)
 
 CLAIMS: tuple[Claims, ...] = (
     Claims(
@@ -124,7 +130,7 @@ CLAIMS: tuple[Claims, ...] = (
             "arXiv",
             "https://arxiv.org/abs/2406.16232",
         ),
-        _h(_PREF),
+        _h(_PREF, _PROJECTOR),
         non_conflicting=True,
         homogeneous=True,
         permutation_invariant=True,
@@ -142,7 +148,7 @@ CLAIMS: tuple[Claims, ...] = (
             "NeurIPS",
             "https://arxiv.org/abs/1706.08840",
         ),
-        _h(_PREF),
+        _h(_PREF, _PROJECTOR),
         non_conflicting=True,
         homogeneous=True,
         permutation_invariant=True,
