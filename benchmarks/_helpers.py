@@ -104,3 +104,14 @@ def record_peak_memory(benchmark: Any, step: Callable[[], Any]) -> None:
     peak = max((e["args"]["Total Allocated"] - start for e in memory), default=0)
     benchmark.extra_info["peak_torch_mib"] = round(peak / 2**20, 2)
     benchmark.extra_info["peak_python_mib"] = round(python_peak / 2**20, 2)
+
+
+WARMUP_STEPS = 2
+
+
+def run_step(benchmark: Any, step: Callable[[], Any]) -> None:
+    """Warm up, record one step's peak memory, then time the step."""
+    for _ in range(WARMUP_STEPS):
+        step()
+    record_peak_memory(benchmark, step)
+    benchmark(step)

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks._helpers import classification_batch, mlp, record_peak_memory
+from benchmarks._helpers import classification_batch, mlp, run_step
 from jdoptim import JacobianOptimizer
 from jdoptim.aggregation import UPGrad
 
@@ -35,13 +35,6 @@ def _library(name: str):
     )
 
 
-def _run(benchmark, step) -> None:
-    for _ in range(2):
-        step()
-    record_peak_memory(benchmark, step)
-    benchmark(step)
-
-
 def test_plain(benchmark):
     benchmark.group = GROUP
     model, (x, y) = mlp(), classification_batch(64)
@@ -52,7 +45,7 @@ def test_plain(benchmark):
         F.cross_entropy(model(x), y, reduction="none").mean().backward()
         sgd.step()
 
-    _run(benchmark, step)
+    run_step(benchmark, step)
 
 
 @pytest.mark.parametrize("library", ["jdoptim", "torchjd"])
@@ -70,7 +63,7 @@ def test_autogram_loop(benchmark, library):
         losses.backward(weighting(engine.compute_gramian(losses)))
         sgd.step()
 
-    _run(benchmark, step)
+    run_step(benchmark, step)
 
 
 @pytest.mark.parametrize("library", ["jdoptim", "torchjd"])
@@ -87,7 +80,7 @@ def test_autojac_loop(benchmark, library):
         autojac.jac_to_grad(model.parameters(), aggregator)
         sgd.step()
 
-    _run(benchmark, step)
+    run_step(benchmark, step)
 
 
 def test_jacobian_optimizer_batch_dim(benchmark):
@@ -99,4 +92,4 @@ def test_jacobian_optimizer_batch_dim(benchmark):
         opt.zero_grad()
         return F.cross_entropy(model(x), y, reduction="none")
 
-    _run(benchmark, lambda: opt.step(closure))
+    run_step(benchmark, lambda: opt.step(closure))

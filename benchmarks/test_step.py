@@ -21,6 +21,7 @@ from _helpers import (
     mlp,
     record_peak_memory,
     regression_batch,
+    run_step,
 )
 from torch import nn
 from torch.nn import functional as F
@@ -31,18 +32,8 @@ from jdoptim.linalg import project_weights_quadprog
 
 AGGREGATORS = {"UPGrad": UPGrad, "Mean": Mean, "MGDA": MGDA}
 LR = 1e-3
-WARMUP_STEPS = 2
-
 MLP_BATCH = 64
 MTL_BATCH, MTL_TASKS = 128, 4
-
-
-def _run(benchmark: Any, step: Callable[[], Any]) -> None:
-    """Warm up, record one step's peak memory, then time the step."""
-    for _ in range(WARMUP_STEPS):
-        step()
-    record_peak_memory(benchmark, step)
-    benchmark(step)
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,7 +93,7 @@ def test_mlp_plain(benchmark):
         F.cross_entropy(model(x), y, reduction="none").mean().backward()
         sgd.step()
 
-    _run(benchmark, step)
+    run_step(benchmark, step)
 
 
 @pytest.mark.parametrize("name", list(AGGREGATORS))
@@ -115,7 +106,7 @@ def test_mlp_jacobian_optimizer(benchmark, name):
         opt.zero_grad()
         return F.cross_entropy(model(x), y, reduction="none")
 
-    _run(benchmark, lambda: opt.step(closure))
+    run_step(benchmark, lambda: opt.step(closure))
 
 
 @pytest.mark.parametrize("name", list(AGGREGATORS))
@@ -131,7 +122,7 @@ def test_mlp_jacobian_optimizer_batch_dim(benchmark, name):
         opt.zero_grad()
         return F.cross_entropy(model(x), y, reduction="none")
 
-    _run(benchmark, lambda: opt.step(closure))
+    run_step(benchmark, lambda: opt.step(closure))
 
 
 @pytest.mark.parametrize("name", list(AGGREGATORS))
@@ -148,7 +139,7 @@ def test_mlp_torchjd(benchmark, name):
         _torchjd_backward(api, aggregator, F.cross_entropy(model(x), y, reduction="none"), params)
         sgd.step()
 
-    _run(benchmark, step)
+    run_step(benchmark, step)
 
 
 def _torchjd_gramian_step(
@@ -168,7 +159,7 @@ def _torchjd_gramian_step(
         losses.backward(weighting(engine.compute_gramian(losses)))
         sgd.step()
 
-    _run(benchmark, step)
+    run_step(benchmark, step)
 
 
 @pytest.mark.parametrize("name", list(AGGREGATORS))
@@ -199,7 +190,7 @@ def test_cnn_plain(benchmark):
         F.cross_entropy(model(x), y, reduction="none").mean().backward()
         sgd.step()
 
-    _run(benchmark, step)
+    run_step(benchmark, step)
 
 
 @pytest.mark.parametrize("batch_dim", [None, 0], ids=["jacobian", "batch_dim=0"])
@@ -215,7 +206,7 @@ def test_cnn_jacobian_optimizer(benchmark, name, batch_dim):
         opt.zero_grad()
         return F.cross_entropy(model(x), y, reduction="none")
 
-    _run(benchmark, lambda: opt.step(closure))
+    run_step(benchmark, lambda: opt.step(closure))
 
 
 @pytest.mark.parametrize("name", ["UPGrad", "Mean"])
@@ -250,7 +241,7 @@ def test_mtl_plain(benchmark):
         _task_losses(model, x, y).sum().backward()
         sgd.step()
 
-    _run(benchmark, step)
+    run_step(benchmark, step)
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["all-params", "shared_params=trunk"])
@@ -268,7 +259,7 @@ def test_mtl_jacobian_optimizer(benchmark, name, shared):
         opt.zero_grad()
         return _task_losses(model, x, y)
 
-    _run(benchmark, lambda: opt.step(closure))
+    run_step(benchmark, lambda: opt.step(closure))
 
 
 @pytest.mark.parametrize("name", list(AGGREGATORS))
@@ -290,7 +281,7 @@ def test_mtl_functional(benchmark, name):
         jac_to_grad(trunk, aggregator)
         sgd.step()
 
-    _run(benchmark, step)
+    run_step(benchmark, step)
 
 
 @pytest.mark.parametrize("name", list(AGGREGATORS))
@@ -311,7 +302,7 @@ def test_mtl_torchjd(benchmark, name):
         _torchjd_mtl_backward(api, aggregator, losses, h, trunk)
         sgd.step()
 
-    _run(benchmark, step)
+    run_step(benchmark, step)
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,7 +327,7 @@ def _run_weighting(benchmark: Any, m: int, weigh: Callable[[], Any], slow: bool)
         record_peak_memory(benchmark, weigh)
         benchmark.pedantic(weigh, rounds=3 if m == 128 else 1, iterations=1)
     else:
-        _run(benchmark, weigh)
+        run_step(benchmark, weigh)
 
 
 @pytest.mark.parametrize("m", WEIGHTING_SIZES)

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import torch
-from _helpers import MultiTaskModel, cnn, record_peak_memory, regression_batch
+from _helpers import MultiTaskModel, cnn, regression_batch, run_step
 from torch import nn
 from torch.nn import functional as F
 
@@ -94,13 +94,6 @@ def _setup(model_name: str, batch: int) -> tuple[nn.Module, torch.Tensor, torch.
     return model, x, y
 
 
-def _run(benchmark: Any, step: Callable[[], Any]) -> None:
-    for _ in range(2):
-        step()
-    record_peak_memory(benchmark, step)
-    benchmark(step)
-
-
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("model_name", list(MODELS))
 @pytest.mark.parametrize("method", ["plain", "Mean", "UPGrad", "peer Mean"])
@@ -136,7 +129,7 @@ def test_per_sample_step(benchmark, method, model_name, batch):
         def step() -> None:
             opt.step(lambda: F.cross_entropy(model(x), y, reduction="none"))
 
-    _run(benchmark, step)
+    run_step(benchmark, step)
 
 
 @pytest.mark.parametrize("tasks", [2, 4, 16])
@@ -165,7 +158,7 @@ def test_multi_task_step(benchmark, method, tasks):
         def step() -> None:
             opt.step(lambda: ((model(x) - y) ** 2).mean(dim=0))
 
-    _run(benchmark, step)
+    run_step(benchmark, step)
 
 
 @pytest.mark.parametrize("hooked", [False, True], ids=["no optimizer", "per-sample hooks"])
@@ -178,7 +171,7 @@ def test_forward_without_step(benchmark, hooked):
         if hooked
         else None
     )
-    _run(benchmark, lambda: model(x).sum())
+    run_step(benchmark, lambda: model(x).sum())
     del opt
 
 
@@ -189,4 +182,4 @@ def test_sample_mixing_check(benchmark, check_every):
     model, x, y = _setup("mlp 784-256-256-10", 64)
     opt = JacobianOptimizer(torch.optim.SGD(model.parameters(), lr=LR), Mean(), batch_dim=0)
     opt.gramian_engine.check_every = check_every
-    _run(benchmark, lambda: opt.step(lambda: F.cross_entropy(model(x), y, reduction="none")))
+    run_step(benchmark, lambda: opt.step(lambda: F.cross_entropy(model(x), y, reduction="none")))

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from jdoptim.aggregation._random import RandomState
+from jdoptim.aggregation._random import RandomState, Seeded
 from jdoptim.scalarization._base import Scalarizer
 
 
-class Random(Scalarizer):
+class Random(Seeded, Scalarizer):
     r"""Combine the values with fresh random weights on the simplex at each call.
 
     *Reasonable Effectiveness of Random Weighting: A Litmus Test for Multi-Task Learning*, Lin,
@@ -55,15 +53,6 @@ class Random(Scalarizer):
 
     def forward(self, values: Tensor, /) -> Tensor:
         return (self.weights(values) * values).sum()
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return self._rng.state_dict()
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        self._rng.load_state_dict(state)
-
-    def reset(self) -> None:
-        self._rng.reset()
 
     def extra_repr(self) -> str:
         return f"seed={self._rng.seed}"
