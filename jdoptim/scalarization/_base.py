@@ -95,6 +95,11 @@ def as_like(tensor: Tensor, values: Tensor) -> Tensor:
     return tensor.to(dtype=values.dtype, device=values.device)
 
 
+def relative_to(values: Tensor, reference: Tensor | None) -> Tensor:
+    """``values - reference`` (``values`` itself without a reference point)."""
+    return values if reference is None else values - as_like(reference, values)
+
+
 def check_shape(shape: Any) -> tuple[int, ...]:
     """An ``int`` ``n`` (meaning ``(n,)``) or a sequence of non-negative ints, as a tuple."""
     dims = (shape,) if isinstance(shape, int) and not isinstance(shape, bool) else shape

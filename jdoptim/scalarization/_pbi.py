@@ -11,6 +11,7 @@ from jdoptim.scalarization._base import (
     check_number,
     check_same_shape,
     norm,
+    relative_to,
     tensor_setting,
 )
 
@@ -63,7 +64,7 @@ class PBI(Scalarizer):
     def forward(self, values: Tensor, /) -> Tensor:
         check_same_shape("weights", self.weights, values)
         check_same_shape("reference", self.reference, values)
-        shifted = values if self.reference is None else values - as_like(self.reference, values)
+        shifted = relative_to(values, self.reference)
         f = shifted.flatten()
         w = as_like(self.weights, values).flatten()
         w_norm = norm(w)

@@ -11,6 +11,7 @@ from jdoptim.scalarization._base import (
     as_like,
     check_number,
     check_same_shape,
+    relative_to,
     tensor_setting,
 )
 
@@ -65,7 +66,7 @@ class STCH(Scalarizer):
     def forward(self, values: Tensor, /) -> Tensor:
         check_same_shape("weights", self.weights, values)
         check_same_shape("reference", self.reference, values)
-        shifted = values if self.reference is None else values - as_like(self.reference, values)
+        shifted = relative_to(values, self.reference)
         if self.weights is None:
             y = shifted / values.numel()
         else:
