@@ -48,8 +48,8 @@ class PerSampleEngine:
     parallel_chunk_size:
         Chunk size of the batched VJPs used for parameters without a closed form.
     check_every:
-        The sample-mixing check runs on the first step, then every ``check_every`` steps
-        (``0``: never).
+        The sample-mixing check runs on the first backward pass, then every ``check_every``
+        passes (each micro-batch is one); ``None``: never.
 
     Notes
     -----
@@ -62,7 +62,7 @@ class PerSampleEngine:
         self,
         params: Callable[[], list[Tensor]],
         parallel_chunk_size: int | None = None,
-        check_every: int = 100,
+        check_every: int | None = 100,
     ) -> None:
         self._fallback = JacobianEngine(parallel_chunk_size)
         self._recorder = Recorder(params, _recorded, attention.replayable)
@@ -147,7 +147,7 @@ class PerSampleEngine:
         inputs = [GradientEdge(node, r.output_nr) for _, node, r in edges] + [
             params[k] for k in sums
         ]
-        check = self.check_every > 0 and self._steps % self.check_every == 0 and bool(edges)
+        check = bool(self.check_every) and self._steps % self.check_every == 0 and bool(edges)
         keep = retain_graph or bool(fallback) or check
         grads = (
             list(torch.autograd.grad(losses.sum(), inputs, retain_graph=keep, allow_unused=True))
