@@ -175,11 +175,12 @@ def test_forward_without_step(benchmark, hooked):
     del opt
 
 
-@pytest.mark.parametrize("check_every", [0, 1], ids=["never", "every step"])
-def test_sample_mixing_check(benchmark, check_every):
+@pytest.mark.parametrize("every", [None, 1], ids=["never", "every step"])
+def test_sample_mixing_check(benchmark, every):
     """The per-sample Mean step with the mixing check off and on every step (default: every 100)."""
     benchmark.group = "sample-mixing check, mlp 784-256-256-10, B=64, Mean"
     model, x, y = _setup("mlp 784-256-256-10", 64)
-    opt = JacobianOptimizer(torch.optim.SGD(model.parameters(), lr=LR), Mean(), batch_dim=0)
-    opt.gramian_engine.check_every = check_every
+    opt = JacobianOptimizer(
+        torch.optim.SGD(model.parameters(), lr=LR), Mean(), batch_dim=0, mixing_check_every=every
+    )
     run_step(benchmark, lambda: opt.step(lambda: F.cross_entropy(model(x), y, reduction="none")))
