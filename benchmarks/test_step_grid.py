@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import torch
-from _helpers import MultiTaskModel, cnn, regression_batch, run_step
+from _helpers import MultiTaskModel, cnn, mlp, regression_batch, run_step
 from torch import nn
 from torch.nn import functional as F
 
@@ -173,6 +173,27 @@ def test_forward_without_step(benchmark, hooked):
     )
     run_step(benchmark, lambda: model(x).sum())
     del opt
+
+
+@pytest.mark.parametrize("owners", ["heap scan", "module="])
+@pytest.mark.parametrize("model_name", ["mlp 784-256-256-10", "transformer 12x512"])
+def test_construction(benchmark, model_name, owners):
+    """Building a per-sample optimizer: finding the modules that own the parameters by a scan
+    of the garbage collector's referrers (no ``module=``) or by walking ``module.modules()``."""
+    benchmark.group = f"construction with batch_dim=0, {model_name}"
+    if model_name.startswith("mlp"):
+        model = mlp()
+    else:
+        layer = nn.TransformerEncoderLayer(512, 8, 2048, batch_first=True)
+        model = nn.TransformerEncoder(layer, 12, enable_nested_tensor=False)
+    module = model if owners == "module=" else None
+
+    def build() -> None:
+        JacobianOptimizer(
+            torch.optim.SGD(model.parameters(), lr=LR), Mean(), batch_dim=0, module=module
+        )
+
+    benchmark.pedantic(build, rounds=5, warmup_rounds=1)
 
 
 @pytest.mark.parametrize("every", [None, 1], ids=["never", "every step"])

@@ -66,6 +66,7 @@ def check_options(
     path: object,
     cross_rank: object,
     mixing_check_every: object = 100,
+    module: object = None,
 ) -> tuple[list[Tensor] | None, str]:
     """Check ``JacobianOptimizer``'s arguments; return the shared parameters and ``cross_rank``.
 
@@ -75,6 +76,7 @@ def check_options(
         raise TypeError(
             f"optimizer must be a torch.optim.Optimizer instance, got {type(optimizer).__name__}"
         )
+    owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
     if isinstance(aggregator, type):
         raise TypeError(
             f"aggregator must be an instance, got the class {aggregator.__name__}: "
@@ -89,7 +91,6 @@ def check_options(
     shared = None
     if shared_params is not None:
         shared = list({id(p): p for p in as_tensor_list(shared_params, "shared_params")}.values())
-        owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
         for i, p in enumerate(shared):
             if id(p) not in owned:
                 raise ValueError(
@@ -111,6 +112,16 @@ def check_options(
             "mixing_check_every must be a positive int (check on the first per-sample step, "
             f"then every that many steps) or None (never check), got {mixing_check_every!r}"
         )
+    if module is not None:
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(
+                f"module must be a torch.nn.Module or None, got {type(module).__name__}"
+            )
+        if not any(id(p) in owned for p in module.parameters()):
+            raise ValueError(
+                f"module ({type(module).__name__}) holds none of the wrapped optimizer's "
+                "parameters: pass the model whose parameters the optimizer trains"
+            )
     if path not in ("auto", "jacobian", "gramian"):
         raise ValueError(f"path must be 'auto', 'jacobian' or 'gramian', got {path!r}")
     if cross_rank is None:

@@ -96,6 +96,12 @@ class JacobianOptimizer(Optimizer):
         across the batch) and raises ``SampleMixingError`` otherwise, on the first per-sample
         backward and then every ``mixing_check_every`` of them (each micro-batch counts);
         ``None``: never. It costs one backward pass when it runs (see :doc:`/performance`).
+    module:
+        The model that holds the parameters, for the Gramian engines' hooks: the modules that
+        own the optimizer's parameters are then found by walking ``module.modules()``. Without
+        it they are found by a scan of the garbage collector's referrers, once at construction
+        and at each ``add_param_group`` (tens to hundreds of ms, growing with the number of
+        live Python objects: see :doc:`/performance`).
 
     Notes
     -----
@@ -144,6 +150,7 @@ class JacobianOptimizer(Optimizer):
         path: Literal["auto", "jacobian", "gramian"] = "auto",
         cross_rank: Literal["mean", "concat"] | None = None,
         mixing_check_every: int | None = 100,
+        module: torch.nn.Module | None = None,
     ) -> None:
         if isinstance(optimizer, JacobianOptimizer):
             raise TypeError("optimizer is already a JacobianOptimizer: do not wrap it twice")
@@ -159,6 +166,7 @@ class JacobianOptimizer(Optimizer):
             path,
             cross_rank,
             mixing_check_every,
+            module,
         )
         # Initialise like every Optimizer (hook dicts, patched step) without a second copy of
         # the parameter groups: those live in the wrapped optimizer.
@@ -178,6 +186,7 @@ class JacobianOptimizer(Optimizer):
                     path,
                     parallel_chunk_size,
                     mixing_check_every,
+                    module,
                 ),
                 "cross_rank": cross_rank,
                 **_fresh(aggregator),

@@ -50,6 +50,9 @@ class PerSampleEngine:
     check_every:
         The sample-mixing check runs on the first backward pass, then every ``check_every``
         passes (each micro-batch is one); ``None``: never.
+    modules:
+        Modules whose trees hold the modules owning ``params`` (walked, cheap); ``None``: found
+        by a scan of the heap (:func:`~jdoptim.engine._recording.owning_modules`).
 
     Notes
     -----
@@ -63,9 +66,10 @@ class PerSampleEngine:
         params: Callable[[], list[Tensor]],
         parallel_chunk_size: int | None = None,
         check_every: int | None = 100,
+        modules: Sequence[nn.Module] | None = None,
     ) -> None:
         self._fallback = JacobianEngine(parallel_chunk_size)
-        self._recorder = Recorder(params, _recorded, attention.replayable)
+        self._recorder = Recorder(params, _recorded, attention.replayable, modules)
         self.check_every = check_every
         self._steps = 0
 
@@ -82,10 +86,13 @@ class PerSampleEngine:
             "params": self._recorder._params,
             "chunk": self._fallback.parallel_chunk_size,
             "check_every": self.check_every,
+            "modules": self._recorder.roots,
         }
 
     def __setstate__(self, state: dict[str, object]) -> None:
-        self.__init__(state["params"], state["chunk"], state["check_every"])  # type: ignore[misc]
+        self.__init__(  # type: ignore[misc]
+            state["params"], state["chunk"], state["check_every"], state["modules"]
+        )
 
     def gramian_step(
         self,
