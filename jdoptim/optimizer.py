@@ -321,11 +321,12 @@ class JacobianOptimizer(Optimizer):
             A tensor of any shape (flattened) or a list/tuple of scalar tensors.
         accumulate:
             ``True`` keeps this micro-batch's Jacobian (or, with ``batch_dim=0``, its per-layer
-        pieces) and writes nothing; the next call without ``accumulate`` (or :meth:`step` with
-        a closure) combines every kept micro-batch with its own losses as ``cross_rank`` says
-        (``"mean"``: the mean of the loss vectors; ``"concat"``: the rows stacked in call
-        order), aggregates once and writes ``.grad``. ``zero_grad`` keeps what was accumulated;
-        ``state_dict`` does not; a call that raises drops it. See :doc:`/distributed`.
+            pieces) and writes nothing; the next call without ``accumulate`` (or :meth:`step`
+            with a closure) combines every kept micro-batch with its own losses as
+            ``cross_rank`` says (``"mean"``: the mean of the loss vectors; ``"concat"``: the rows
+            stacked in call order), aggregates once and writes ``.grad``. ``zero_grad`` keeps
+            what was accumulated; ``state_dict`` does not; a call that raises drops it. See
+            :doc:`/distributed`.
 
         Returns
         -------
