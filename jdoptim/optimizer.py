@@ -101,7 +101,8 @@ class JacobianOptimizer(Optimizer):
         own the optimizer's parameters are then found by walking ``module.modules()``. Without
         it they are found by a scan of the garbage collector's referrers, once at construction
         and at each ``add_param_group`` (tens to hundreds of ms, growing with the number of
-        live Python objects: see :doc:`/performance`).
+        live Python objects: see :doc:`/performance`). It is held weakly: neither kept alive
+        nor copied or pickled with the optimizer (a copy finds its owners by the scan).
 
     Notes
     -----

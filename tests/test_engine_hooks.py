@@ -260,3 +260,40 @@ def test_autogram_engine_walks_its_modules_without_a_heap_scan(monkeypatch):
     assert _hook_counts(model) == [0, 1, 0, 1]
     del engine
     assert _hook_counts(model) == [0, 0, 0, 0]
+
+
+class _Unpicklable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _mlp()
+        self.callback = lambda: None  # a model that cannot be pickled
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_module_argument_is_held_weakly_and_not_copied_with_the_optimizer():
+    import copy
+    import pickle
+    import weakref
+
+    torch.manual_seed(5)
+    model = _Unpicklable().double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    opt = JacobianOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.0), UPGrad(), batch_dim=0, module=model
+    )
+    clone = pickle.loads(pickle.dumps(opt))  # the model is not part of the pickle
+    assert clone.gramian_engine._recorder.modules == []  # its parameters belong to no module
+    clone_model, clone_opt = copy.deepcopy((model, opt))
+    assert {id(m) for m in clone_opt.gramian_engine._recorder.modules} == {
+        id(clone_model.net[0]),
+        id(clone_model.net[2]),
+    }
+    clone_opt.step(lambda: _per_sample(clone_model, x, y))
+    for name, p in clone_model.net.named_parameters():
+        torch.testing.assert_close(p.grad, _expected_upgrad(model.net, x, y)[name])
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None  # the optimizer does not keep the model alive

@@ -86,7 +86,7 @@ class PerSampleEngine:
             "params": self._recorder._params,
             "chunk": self._fallback.parallel_chunk_size,
             "check_every": self.check_every,
-            "modules": self._recorder.roots,
+            "modules": None,  # a copy scans: it may hold a copy of the model, or none
         }
 
     def __setstate__(self, state: dict[str, object]) -> None:

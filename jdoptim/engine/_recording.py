@@ -100,7 +100,8 @@ class Recorder:
         Whether a call ``(module, args, kwargs)`` can be replayed from its first input (judged
         at the call, where the arguments' identities are known).
     roots:
-        The modules whose trees hold the owners (``None``: a heap scan finds them).
+        The modules whose trees hold the owners, held weakly (``None``: a heap scan finds
+        them).
 
     Examples
     --------
@@ -126,11 +127,18 @@ class Recorder:
         roots: Sequence[nn.Module] | None = None,
     ) -> None:
         self._params, self._accepts, self._usable = params, accepts, usable
-        self.roots = None if roots is None else list(roots)
+        # Held weakly: the optimizer does not keep the model alive, nor pickle or copy it.
+        self._roots = None if roots is None else [weakref.ref(m) for m in roots]
         self.key = object()  # this recorder's entry in the graph nodes' metadata
         self._handles: list[RemovableHandle] = []
         self._finalizer = weakref.finalize(self, _remove, self._handles)
         self.refresh()
+
+    @property
+    def roots(self) -> list[nn.Module] | None:
+        """The live modules to walk; ``None`` (a heap scan) when none was given or all died."""
+        alive = [m for m in (ref() for ref in self._roots or []) if m is not None]
+        return alive or None
 
     @property
     def modules(self) -> list[nn.Module]:
