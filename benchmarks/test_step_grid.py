@@ -4,7 +4,7 @@ Groups ``per-sample <model>, B=<b>`` hold a plain ``cross_entropy(...).mean().ba
 sgd.step()`` step, ``JacobianOptimizer(SGD, A, batch_dim=0)`` with A = Mean (the engine alone:
 its weights cost nothing) and UPGrad, and the peer's Gramian engine (``torchjd.autogram``, Mean
 weighting) when installed. B = 256 and 1024 are marked ``slow`` (run them with ``-m slow`` or
-no marker filter). Also: the multi-task step for K = 2, 4, 16 heads, the cost of the engine's
+no marker filter). Also: the multi-task step for K = 2, 4, 8, 16 heads, the cost of the engine's
 forward hooks on a forward that no step follows, and the cost of the sample-mixing check.
 ``benchmarks/figure.py`` draws the ratio against the batch size from the JSON of a run.
 """
@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import torch
-from _helpers import MultiTaskModel, cnn, regression_batch, run_step
+from _helpers import MultiTaskModel, cnn, mlp, regression_batch, run_step
 from torch import nn
 from torch.nn import functional as F
 
@@ -132,9 +132,11 @@ def test_per_sample_step(benchmark, method, model_name, batch):
     run_step(benchmark, step)
 
 
-@pytest.mark.parametrize("tasks", [2, 4, 16])
-@pytest.mark.parametrize("method", ["plain", "Mean", "UPGrad"])
+@pytest.mark.parametrize("tasks", [2, 4, 8, 16])
+@pytest.mark.parametrize("method", ["plain", "Mean", "UPGrad", "peer UPGrad"])
 def test_multi_task_step(benchmark, method, tasks):
+    """K task losses over a shared trunk: ``shared_params=trunk`` (the layer-Gramian engine)
+    against a plain step and the peer's ``mtl_backward`` + ``jac_to_grad`` with UPGrad."""
     benchmark.group = f"multi-task trunk 784-512-512 + {tasks} heads, B=128"
     benchmark.extra_info.update(tasks=tasks, method=method)
     model = MultiTaskModel(tasks)
@@ -147,12 +149,28 @@ def test_multi_task_step(benchmark, method, tasks):
             ((model(x) - y) ** 2).mean(dim=0).sum().backward()
             sgd.step()
 
+    elif method == "peer UPGrad":
+        pytest.importorskip("torchjd", reason="the peer is optional")
+        autojac = importlib.import_module("torchjd.autojac")
+        peer_upgrad = importlib.import_module("torchjd.aggregation").UPGrad()
+        sgd = torch.optim.SGD(model.parameters(), lr=LR)
+        trunk = list(model.trunk.parameters())
+
+        def step() -> None:
+            sgd.zero_grad()
+            h = model.trunk(x)
+            losses = [((head(h)[:, 0] - y[:, t]) ** 2).mean() for t, head in enumerate(model.heads)]
+            autojac.mtl_backward(losses, features=h)
+            autojac.jac_to_grad(trunk, peer_upgrad)
+            sgd.step()
+
     else:
         aggregator = Mean() if method == "Mean" else UPGrad()
         opt = JacobianOptimizer(
             torch.optim.SGD(model.parameters(), lr=LR),
             aggregator,
             shared_params=model.trunk.parameters(),
+            module=model,
         )
 
         def step() -> None:
@@ -175,11 +193,33 @@ def test_forward_without_step(benchmark, hooked):
     del opt
 
 
-@pytest.mark.parametrize("check_every", [0, 1], ids=["never", "every step"])
-def test_sample_mixing_check(benchmark, check_every):
+@pytest.mark.parametrize("owners", ["heap scan", "module="])
+@pytest.mark.parametrize("model_name", ["mlp 784-256-256-10", "transformer 12x512"])
+def test_construction(benchmark, model_name, owners):
+    """Building a per-sample optimizer: finding the modules that own the parameters by a scan
+    of the garbage collector's referrers (no ``module=``) or by walking ``module.modules()``."""
+    benchmark.group = f"construction with batch_dim=0, {model_name}"
+    if model_name.startswith("mlp"):
+        model = mlp()
+    else:
+        layer = nn.TransformerEncoderLayer(512, 8, 2048, batch_first=True)
+        model = nn.TransformerEncoder(layer, 12, enable_nested_tensor=False)
+    module = model if owners == "module=" else None
+
+    def build() -> None:
+        JacobianOptimizer(
+            torch.optim.SGD(model.parameters(), lr=LR), Mean(), batch_dim=0, module=module
+        )
+
+    benchmark.pedantic(build, rounds=5, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("every", [None, 1], ids=["never", "every step"])
+def test_sample_mixing_check(benchmark, every):
     """The per-sample Mean step with the mixing check off and on every step (default: every 100)."""
     benchmark.group = "sample-mixing check, mlp 784-256-256-10, B=64, Mean"
     model, x, y = _setup("mlp 784-256-256-10", 64)
-    opt = JacobianOptimizer(torch.optim.SGD(model.parameters(), lr=LR), Mean(), batch_dim=0)
-    opt.gramian_engine.check_every = check_every
+    opt = JacobianOptimizer(
+        torch.optim.SGD(model.parameters(), lr=LR), Mean(), batch_dim=0, mixing_check_every=every
+    )
     run_step(benchmark, lambda: opt.step(lambda: F.cross_entropy(model(x), y, reduction="none")))

@@ -42,3 +42,36 @@ def load_with(
         if load is not None:
             load(previous)
         raise
+
+
+KEY = "jdoptim"  # the one key a JacobianOptimizer adds to its wrapped optimizer's state dict
+
+
+def state_dict_of(owner: Any, inner: Any, aggregator: object) -> dict[str, Any]:
+    """``inner.state_dict()`` plus ``{KEY: {"aggregator": ...}}``, through ``owner``'s
+    state-dict hooks (as ``torch.optim.Optimizer.state_dict`` runs them)."""
+    for pre_hook in owner._optimizer_state_dict_pre_hooks.values():
+        pre_hook(owner)
+    state_dict = inner.state_dict()
+    state_dict[KEY] = {"aggregator": state_of(aggregator)}
+    for post_hook in owner._optimizer_state_dict_post_hooks.values():
+        result = post_hook(owner, state_dict)
+        if result is not None:
+            state_dict = result
+    return state_dict
+
+
+def load_state_dict_into(
+    owner: Any, inner: Any, aggregator: object, state_dict: dict[str, Any]
+) -> None:
+    """Load a :func:`state_dict_of` result into ``inner`` and the aggregator, strictly, through
+    ``owner``'s load-state-dict hooks; a failure leaves both as they were."""
+    state_dict = dict(state_dict)
+    for pre_hook in owner._optimizer_load_state_dict_pre_hooks.values():
+        result = pre_hook(owner, state_dict)
+        if result is not None:
+            state_dict = result
+    extra = state_dict.pop(KEY, None)
+    load_with(aggregator, extra, KEY, lambda: inner.load_state_dict(state_dict))
+    for post_hook in owner._optimizer_load_state_dict_post_hooks.values():
+        post_hook(owner)

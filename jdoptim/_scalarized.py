@@ -15,8 +15,14 @@ import torch
 from torch import Tensor
 
 from jdoptim._aggregator_state import snapshot
+from jdoptim._path import Path
 from jdoptim._validation import as_loss_vector
 from jdoptim.scalarization import Scalarizer
+
+
+def path_for(aggregator: object) -> Path | ScalarPath:
+    """The route of ``backward``: the Jacobian path, or one plain backward for a scalarizer."""
+    return ScalarPath() if isinstance(aggregator, Scalarizer) else Path()
 
 
 def check_scalarizer_options(shared_params: object, batch_dim: object, path: object) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -63,6 +65,8 @@ def check_options(
     batch_dim: object,
     path: object,
     cross_rank: object,
+    mixing_check_every: object = 100,
+    module: object = None,
 ) -> tuple[list[Tensor] | None, str]:
     """Check ``JacobianOptimizer``'s arguments; return the shared parameters and ``cross_rank``.
 
@@ -71,6 +75,12 @@ def check_options(
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(
             f"optimizer must be a torch.optim.Optimizer instance, got {type(optimizer).__name__}"
+        )
+    owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if isinstance(aggregator, type):
+        raise TypeError(
+            f"aggregator must be an instance, got the class {aggregator.__name__}: "
+            f"pass {aggregator.__name__}() instead"
         )
     if not callable(aggregator):
         raise TypeError(f"aggregator must be callable, got {type(aggregator).__name__}")
@@ -81,7 +91,6 @@ def check_options(
     shared = None
     if shared_params is not None:
         shared = list({id(p): p for p in as_tensor_list(shared_params, "shared_params")}.values())
-        owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
         for i, p in enumerate(shared):
             if id(p) not in owned:
                 raise ValueError(
@@ -94,6 +103,25 @@ def check_options(
         raise ValueError(
             f"batch_dim must be 0 (batch-first per-sample losses) or None, got {batch_dim!r}"
         )
+    if mixing_check_every is not None and (
+        isinstance(mixing_check_every, bool)
+        or not isinstance(mixing_check_every, int)
+        or mixing_check_every < 1
+    ):
+        raise ValueError(
+            "mixing_check_every must be a positive int (check on the first per-sample step, "
+            f"then every that many steps) or None (never check), got {mixing_check_every!r}"
+        )
+    if module is not None:
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(
+                f"module must be a torch.nn.Module or None, got {type(module).__name__}"
+            )
+        if not any(id(p) in owned for p in module.parameters()):
+            raise ValueError(
+                f"module ({type(module).__name__}) holds none of the wrapped optimizer's "
+                "parameters: pass the model whose parameters the optimizer trains"
+            )
     if path not in ("auto", "jacobian", "gramian"):
         raise ValueError(f"path must be 'auto', 'jacobian' or 'gramian', got {path!r}")
     if cross_rank is None:
@@ -106,6 +134,55 @@ def check_options(
             f"(a GramianWeightedAggregator), got {aggregator!r}"
         )
     return shared, cross_rank  # type: ignore[return-value]
+
+
+CLOSURE_HABIT = (
+    "JacobianOptimizer needs the losses themselves: return them from the closure (a vector, "
+    "or a list of scalar losses) without calling loss.backward(); for the two-phase form, call "
+    "opt.backward(losses) and then opt.step()"
+)
+
+
+def check_closure_losses(
+    losses: object, params: Sequence[Tensor], saved_grads: Sequence[Tensor | None]
+) -> None:
+    """Raise if the closure returned nothing or wrote ``.grad`` itself (``loss.backward()``)."""
+    written = [
+        i
+        for i, (p, g) in enumerate(zip(params, saved_grads, strict=True))
+        if p.grad is not None and p.grad is not g
+    ]
+    if losses is None:
+        raise TypeError(
+            "expected the losses, got NoneType (does the closure return the losses?): "
+            f"{CLOSURE_HABIT}"
+        )
+    if written:
+        raise RuntimeError(
+            f"the closure wrote .grad of {len(written)} parameter(s) itself (did it call "
+            f"loss.backward()?): {CLOSURE_HABIT}"
+        )
+
+
+@contextlib.contextmanager
+def explaining_backpropagated_losses() -> Iterator[None]:
+    """Say what to do when the closure's losses were already backpropagated (autograd's
+    "backward through the graph a second time")."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "backward through the graph a second time" not in str(e):
+            raise
+        raise RuntimeError(
+            f"{CLOSURE_HABIT} (the closure's losses were already backpropagated: {e})"
+        ) from e
+
+
+def detached_losses(losses: Any) -> Tensor:
+    """The losses a closure returned, flattened and detached (no check: already weighed)."""
+    if isinstance(losses, (list, tuple)):
+        return torch.stack([torch.as_tensor(loss).detach().reshape(()) for loss in losses])
+    return torch.as_tensor(losses).detach().reshape(-1)
 
 
 def as_tensor_list(tensors: Tensor | Iterable[Tensor], what: str) -> list[Tensor]:

@@ -3,19 +3,25 @@
 Register a hook with :meth:`jdoptim.JacobianOptimizer.register_step_record_hook`, or keep the
 last records with :class:`StepRecorder`. Each step that writes ``.grad`` then builds one
 :class:`StepRecord` from the Gramian ``G = J Jᵀ`` the aggregator used (per-loss gradient norms,
-cosines, conflicting pairs) and the update's inner product with each loss gradient. Without a hook,
-nothing is recorded and nothing is computed.
+cosines, conflicting pairs) and the update's inner product with each loss gradient. It is built in
+``backward`` (so also in ``step`` with a closure), before the wrapped optimizer steps; a
+micro-batch kept with ``accumulate=True`` and a step skipped on a ``GradScaler`` overflow record
+nothing. Without a hook, nothing is recorded and nothing is computed; with one, the Jacobian
+engine forms ``J Jᵀ`` for aggregators that do not already use it. Hooks are not copied by
+``copy.deepcopy``, pickling or ``state_dict``.
 """
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Callable
+import contextlib
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor
+from torch.utils.hooks import RemovableHandle
 
 
 class _Recordable(Protocol):
@@ -131,6 +137,45 @@ def record_of(weighed: Any, scale: float | None) -> StepRecord:
         norm = weighed.update_norm.detach().double()
     losses = weighed.losses.detach().double() / (scale or 1.0)
     return StepRecord(losses, gramian, weights, products, norm, _ENGINES[weighed.route])
+
+
+class StepRecordHooks:
+    """The step-record hooks of one optimizer: what its ``backward`` observes and reports.
+
+    Empty (falsy) until a hook is registered; while it is empty, the path observes nothing.
+    """
+
+    def __init__(self) -> None:
+        self._hooks: OrderedDict[int, Callable[[Any, StepRecord], None]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._hooks)
+
+    def register(self, hook: Callable[[Any, StepRecord], None]) -> RemovableHandle:
+        """Add ``hook``; ``handle.remove()`` removes it."""
+        handle = RemovableHandle(self._hooks)
+        self._hooks[handle.id] = hook
+        return handle
+
+    @contextlib.contextmanager
+    def watching(
+        self, owner: Any, path: Any, final: bool, scale: Callable[[], float | None]
+    ) -> Iterator[None]:
+        """Around a ``backward`` along ``path``: when ``final`` (it writes ``.grad``) and a hook
+        listens, have the path observe, then call each hook with ``owner`` and the record of a
+        call that weighed (a step skipped on overflow weighs nothing; a call that raises records
+        nothing). The record's losses are divided by ``scale()``."""
+        observe = final and bool(self._hooks)
+        before, observing = path.record, path.observe
+        path.observe = observing or observe
+        try:
+            yield
+        finally:
+            path.observe = observing
+        if observe and path.record is not before:
+            record = record_of(path.record, scale())
+            for hook in list(self._hooks.values()):
+                hook(owner, record)
 
 
 class StepRecorder:

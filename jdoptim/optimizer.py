@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import functools
-from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import torch
@@ -13,18 +10,22 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from jdoptim._aggregator_state import load_with, state_of
-from jdoptim._path import Path, Setup
-from jdoptim._scalarized import ScalarPath, check_scalarizer_options
-from jdoptim._validation import check_options
-from jdoptim.aggregation import GramianWeightedAggregator, UPGrad
-from jdoptim.diagnostics import StepRecord, record_of
-from jdoptim.engine import JacobianEngine, LayerGramianEngine, PerSampleEngine
+from jdoptim._aggregator_state import load_state_dict_into, state_dict_of
+from jdoptim._path import Setup, autocast_off
+from jdoptim._path._engines import gramian_engine_for, trainable
+from jdoptim._scalarized import check_scalarizer_options, path_for
+from jdoptim._validation import (
+    check_closure_losses,
+    check_options,
+    detached_losses,
+    explaining_backpropagated_losses,
+)
+from jdoptim.aggregation import UPGrad
+from jdoptim.diagnostics import StepRecord, StepRecordHooks
+from jdoptim.engine import JacobianEngine
 from jdoptim.scalarization import Scalarizer
 
 __all__ = ["JacobianOptimizer"]
-
-_STATE_KEY = "jdoptim"
 
 
 class JacobianOptimizer(Optimizer):
@@ -44,15 +45,11 @@ class JacobianOptimizer(Optimizer):
         Maps ``J`` to the update; :class:`~jdoptim.aggregation.UPGrad` by default. Any callable
         ``[m, n] -> [n]`` works; a :class:`~jdoptim.aggregation.GramianWeightedAggregator` lets the
         engine work from the Gramian ``J Jᵀ`` block by block. A
-        :class:`~jdoptim.scalarization.Scalarizer` instead combines the losses: each step computes
-        ``scalarizer(losses)`` (the losses as returned, e.g. of shape ``[m]``) and runs one plain
-        ``backward()``, so one training loop compares gradient-combining and loss-combining
-        methods. Its state (``DWA``'s history, ``FAMO``'s logits and Adam moments, the
-        parameters of ``UW``/``IMTLL``) is in :meth:`state_dict`; ``shared_params``,
-        ``batch_dim``, ``path`` and ``accumulate=True`` need an aggregator. The per-step updates
-        stay the user's calls, where the papers place them: ``famo.update(losses_after)`` after
-        ``step``, with the losses recomputed on the same batch; ``dwa.step()`` at the end of each
-        epoch (see the second example).
+        :class:`~jdoptim.scalarization.Scalarizer` instead combines the losses (as returned)
+        into one scalar and runs one plain ``backward()``, so one training loop compares
+        gradient-combining and loss-combining methods; its state is in :meth:`state_dict`, its
+        per-step updates stay the user's calls (second example), and ``shared_params``,
+        ``batch_dim``, ``path`` and ``accumulate=True`` need an aggregator.
     shared_params:
         If given, the Jacobian is taken only w.r.t. these parameters (a shared trunk); every other
         parameter gets the plain gradient of the summed losses (task-specific heads).
@@ -66,26 +63,20 @@ class JacobianOptimizer(Optimizer):
     batch_dim:
         ``0`` declares per-sample losses: loss ``i`` depends only on sample ``i`` (row ``i`` of
         every batched tensor, batch first). With an aggregator that needs only the Gramian, a step
-        then costs one forward and one backward: per-layer Gramians come in closed form from the
-        layers' inputs and output gradients (``Linear``, ``Conv1d``, ``Conv2d``, ``Embedding``,
-        ``LayerNorm``, ``GroupNorm``), other parameters are differentiated exactly by batched
-        VJPs. Forward hooks on the modules that own this optimizer's parameters record each call
-        in the graph of its output (it goes away with the graph; nothing under ``no_grad`` or
-        ``torch.compile``); they are removed when the optimizer is dropped or by
-        :meth:`remove_hooks`. Losses that mix samples are rejected with an explanation
-        (``BatchNorm`` in training mode, and a randomly weighted second backward on the first
-        step and every 100 steps: see :doc:`/performance`).
+        then costs one forward and one backward: per-layer Gramians in closed form (``Linear``,
+        ``Conv1d``, ``Conv2d``, ``Embedding``, ``LayerNorm``, ``GroupNorm``), batched VJPs for
+        the other parameters. Forward hooks on the modules that own this optimizer's parameters
+        record each call in the graph of its output; they go with the optimizer or
+        :meth:`remove_hooks` (see :doc:`/performance`). Losses that mix samples are rejected
+        with an explanation (``BatchNorm`` in training mode, and ``mixing_check_every``).
     path:
-        How the Jacobian is differentiated. ``"auto"`` (default): with ``batch_dim``, the
-        per-sample engine above; with ``shared_params`` and an aggregator that needs only the
-        Gramian, the layer-Gramian engine (one batched backward of data gradients; each
-        ``nn.Linear`` of the trunk contributes ``G_{st} = ⟨Gₒ_s, A Aᵀ Gₒ_t⟩`` from its input ``A``
-        and output gradients ``Gₒ``, and its update ``(Σ_t w_t Gₒ_t)ᵀ A``, without forming the
-        Jacobian rows; the same forward hook as above finds the layers); otherwise the Jacobian
-        engine (batched VJPs w.r.t. the parameters). ``"jacobian"`` forces the Jacobian engine (no
-        hook is installed). ``"gramian"`` forces a Gramian engine (per-sample with ``batch_dim``,
-        layer-Gramian otherwise, over all parameters when there are no ``shared_params``) and
-        needs a :class:`~jdoptim.aggregation.GramianWeightedAggregator`. Every path is exact.
+        ``"auto"`` (default): with ``batch_dim``, the per-sample engine above; with
+        ``shared_params`` and an aggregator that needs only the Gramian, the layer-Gramian engine
+        (one batched backward of data gradients, each ``nn.Linear`` of the trunk in kernel form,
+        found by the same hooks); otherwise the Jacobian engine (batched VJPs w.r.t. the
+        parameters, no hook). ``"jacobian"`` forces the Jacobian engine; ``"gramian"`` a Gramian
+        engine (layer-Gramian over all parameters without ``shared_params``) and needs a
+        :class:`~jdoptim.aggregation.GramianWeightedAggregator`. Every path is exact.
     cross_rank:
         How the loss vectors of several ranks (when ``torch.distributed`` is initialised with more
         than one process) and of several micro-batches (``backward(..., accumulate=True)``)
@@ -99,6 +90,19 @@ class JacobianOptimizer(Optimizer):
         Every rank then runs the same aggregation and writes the same ``.grad``; ``step`` and
         ``backward`` return the local losses. After each exchange, ``cross_rank_bytes`` holds
         the bytes this rank sent. See :doc:`/distributed`.
+    mixing_check_every:
+        With ``batch_dim=0``: one more backward pass, of a random positive weighting of the
+        losses, checks that they do not mix samples (batch-centred outputs, softmax or attention
+        across the batch) and raises ``SampleMixingError`` otherwise, on the first per-sample
+        backward and then every ``mixing_check_every`` of them (each micro-batch counts);
+        ``None``: never. It costs one backward pass when it runs (see :doc:`/performance`).
+    module:
+        The model that holds the parameters, for the Gramian engines' hooks: the modules that
+        own the optimizer's parameters are then found by walking ``module.modules()``. Without
+        it they are found by a scan of the garbage collector's referrers, once at construction
+        and at each ``add_param_group`` (tens to hundreds of ms, growing with the number of
+        live Python objects: see :doc:`/performance`). It is held weakly: neither kept alive
+        nor copied or pickled with the optimizer (a copy finds its owners by the scan).
 
     Notes
     -----
@@ -146,19 +150,24 @@ class JacobianOptimizer(Optimizer):
         batch_dim: int | None = None,
         path: Literal["auto", "jacobian", "gramian"] = "auto",
         cross_rank: Literal["mean", "concat"] | None = None,
+        mixing_check_every: int | None = 100,
+        module: torch.nn.Module | None = None,
     ) -> None:
         if isinstance(optimizer, JacobianOptimizer):
             raise TypeError("optimizer is already a JacobianOptimizer: do not wrap it twice")
         aggregator = UPGrad() if aggregator is None else aggregator
-        if isinstance(aggregator, type):
-            raise TypeError(
-                f"aggregator must be an instance, got the class {aggregator.__name__}: "
-                f"pass {aggregator.__name__}() instead"
-            )
         if isinstance(aggregator, Scalarizer):
             check_scalarizer_options(shared_params, batch_dim, path)
         shared, cross_rank = check_options(
-            optimizer, aggregator, shared_params, grad_scaler, batch_dim, path, cross_rank
+            optimizer,
+            aggregator,
+            shared_params,
+            grad_scaler,
+            batch_dim,
+            path,
+            cross_rank,
+            mixing_check_every,
+            module,
         )
         # Initialise like every Optimizer (hook dicts, patched step) without a second copy of
         # the parameter groups: those live in the wrapped optimizer.
@@ -170,27 +179,20 @@ class JacobianOptimizer(Optimizer):
                 "shared_params": shared,
                 "grad_scaler": grad_scaler,
                 "engine": JacobianEngine(parallel_chunk_size),
-                "gramian_engine": None,
+                "gramian_engine": gramian_engine_for(
+                    optimizer,
+                    aggregator,
+                    shared,
+                    batch_dim,
+                    path,
+                    parallel_chunk_size,
+                    mixing_check_every,
+                    module,
+                ),
                 "cross_rank": cross_rank,
-                "_path": _new_path(aggregator),  # kept micro-batches, the last step's record
-                "_grad_written": False,  # by backward(), since the last step or zero_grad
+                **_fresh(aggregator),
             },
         )
-        if path == "jacobian" or isinstance(aggregator, Scalarizer):
-            return
-        if batch_dim is not None:
-            self.gramian_engine = PerSampleEngine(
-                functools.partial(_trainable, optimizer), parallel_chunk_size
-            )
-        elif path == "gramian" or (
-            shared is not None and isinstance(aggregator, GramianWeightedAggregator)
-        ):
-            aggregated = (
-                functools.partial(_trainable, optimizer)
-                if shared is None
-                else functools.partial(list, shared)
-            )
-            self.gramian_engine = LayerGramianEngine(aggregated, parallel_chunk_size)
 
     # The data model of the wrapped optimizer, shared by reference.
     @property
@@ -214,8 +216,7 @@ class JacobianOptimizer(Optimizer):
             "engine": self.engine,
             "gramian_engine": self.gramian_engine,
             "cross_rank": self.cross_rank,
-            "_path": _new_path(self.aggregator),  # copies and pickles keep no micro-batches
-            "_grad_written": False,
+            **_fresh(self.aggregator),  # copies and pickles keep no micro-batches, no hooks
         }
 
     def __repr__(self) -> str:
@@ -234,19 +235,9 @@ class JacobianOptimizer(Optimizer):
     ) -> RemovableHandle:
         """Call ``hook(optimizer, record)`` each time an aggregated ``.grad`` is written.
 
-        ``record`` is a :class:`~jdoptim.diagnostics.StepRecord`: the losses, the Gramian the
-        aggregator used (per-loss gradient norms, cosines, conflicting pairs), the weights and
-        the update's inner product with each loss gradient, and the engine that ran. It is built
-        in :meth:`backward` (so also in :meth:`step` with a closure), before the wrapped
-        optimizer steps; a micro-batch kept with ``accumulate=True`` and a step skipped on
-        overflow record nothing. While no hook is registered nothing is computed; with one, the
-        Jacobian engine forms ``J Jᵀ`` for aggregators that do not already use it. Hooks are not
-        copied by ``copy.deepcopy``, pickling or ``state_dict``.
-
-        Returns
-        -------
-        torch.utils.hooks.RemovableHandle
-            ``handle.remove()`` unregisters the hook.
+        ``record`` is a :class:`~jdoptim.diagnostics.StepRecord` (the Gramian the aggregator used,
+        the weights, the update's products with the loss gradients); when it is built and what
+        it costs is in :mod:`jdoptim.diagnostics`. ``handle.remove()`` unregisters the hook.
 
         Examples
         --------
@@ -261,13 +252,10 @@ class JacobianOptimizer(Optimizer):
         jacobian 0 False
         >>> handle.remove()
         """
-        hooks = self.__dict__.setdefault("_step_record_hooks", OrderedDict())
-        handle = RemovableHandle(hooks)
-        hooks[handle.id] = hook
-        return handle
+        return self._step_record_hooks.register(hook)
 
     def _params(self) -> list[Tensor]:
-        return _trainable(self.optimizer)
+        return trainable(self.optimizer)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Compute the losses with ``closure``, write the aggregated ``.grad`` and step.
@@ -302,10 +290,11 @@ class JacobianOptimizer(Optimizer):
             if self._grad_written or (written_before and losses is None):
                 # backward() already wrote .grad (in the closure, or before a closure that
                 # returns nothing, as Lightning's step() passes): step on it.
-                vector = None if losses is None else _detached(losses)
+                vector = None if losses is None else detached_losses(losses)
             else:
-                _check_not_backpropagated(losses, params, saved_grads)
-                vector = self._backward_closure_losses(losses)
+                check_closure_losses(losses, params, saved_grads)
+                with explaining_backpropagated_losses():
+                    vector = self.backward(losses)
                 weighed = True
             self.optimizer.step()  # one that raises before updating leaves everything as it was
         except BaseException:
@@ -317,16 +306,6 @@ class JacobianOptimizer(Optimizer):
             raise
         self._grad_written = False
         return vector
-
-    def _backward_closure_losses(self, losses: Any) -> Tensor:
-        try:
-            return self.backward(losses)
-        except RuntimeError as e:
-            if "backward through the graph a second time" not in str(e):
-                raise
-            raise RuntimeError(
-                f"{_HABIT} (the closure's losses were already backpropagated: {e})"
-            ) from e
 
     def backward(
         self, losses: Tensor | list[Tensor] | tuple[Tensor, ...], *, accumulate: bool = False
@@ -343,16 +322,12 @@ class JacobianOptimizer(Optimizer):
             A tensor of any shape (flattened) or a list/tuple of scalar tensors.
         accumulate:
             ``True`` keeps this micro-batch's Jacobian (or, with ``batch_dim=0``, its per-layer
-            pieces) and writes nothing; the next call without ``accumulate`` (or
-            :meth:`step` with a closure) combines every kept micro-batch with its own losses as
-            ``cross_rank`` says, aggregates once and writes ``.grad``. ``"mean"``: the global
-            losses are the mean of the micro-batches' loss vectors (``k`` micro-batches of task
-            losses averaged over their samples equal one batch ``k`` times as large when they
-            have the same size); ``"concat"``: the rows are stacked in call order (``k``
-            micro-batches of per-sample losses equal one batch of all their samples). Under
-            ``torch.distributed``, ranks exchange nothing until that final call. ``zero_grad``
-            keeps what was accumulated; the kept tensors are not part of ``state_dict``; a call
-            that raises drops them (start the accumulation again).
+            pieces) and writes nothing; the next call without ``accumulate`` (or :meth:`step`
+            with a closure) combines every kept micro-batch with its own losses as
+            ``cross_rank`` says (``"mean"``: the mean of the loss vectors; ``"concat"``: the rows
+            stacked in call order), aggregates once and writes ``.grad``. ``zero_grad`` keeps
+            what was accumulated; ``state_dict`` does not; a call that raises drops it. See
+            :doc:`/distributed`.
 
         Returns
         -------
@@ -384,19 +359,9 @@ class JacobianOptimizer(Optimizer):
             cross_rank=self.cross_rank,
             scaler=self.grad_scaler,
         )
-        hooks = self.__dict__.get("_step_record_hooks")
-        observe = bool(hooks) and not accumulate
-        before, observing = self._path.record, self._path.observe
-        self._path.observe = observing or observe
-        try:
-            with _autocast_off():
-                vector = self._path.backward(losses, params, setup, accumulate)
-        finally:
-            self._path.observe = observing
-        if observe and self._path.record is not before:  # this call weighed (no overflow skip)
-            record = record_of(self._path.record, setup.scale())
-            for hook in list(hooks.values()):
-                hook(self, record)
+        records = self._step_record_hooks.watching(self, self._path, not accumulate, setup.scale)
+        with autocast_off(), records:
+            vector = self._path.backward(losses, params, setup, accumulate)
         self._grad_written = self._grad_written or not accumulate
         return vector
 
@@ -427,85 +392,18 @@ class JacobianOptimizer(Optimizer):
         ``"state"`` and ``"param_groups"``: the ``"jdoptim"`` key is dropped there, so checkpoint a
         stateful aggregator's ``state_dict()`` separately when using DCP.
         """
-        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
-            pre_hook(self)
-        state_dict = self.optimizer.state_dict()
-        state_dict[_STATE_KEY] = {"aggregator": state_of(self.aggregator)}
-        for post_hook in self._optimizer_state_dict_post_hooks.values():
-            result = post_hook(self, state_dict)
-            if result is not None:
-                state_dict = result
-        return state_dict
+        return state_dict_of(self, self.optimizer, self.aggregator)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a state returned by :meth:`state_dict` (strictly: every key must match)."""
-        state_dict = dict(state_dict)
-        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
-            result = pre_hook(self, state_dict)
-            if result is not None:
-                state_dict = result
-        extra = state_dict.pop(_STATE_KEY, None)
-        load_with(
-            self.aggregator, extra, _STATE_KEY, lambda: self.optimizer.load_state_dict(state_dict)
-        )
-        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
-            post_hook(self)
+        load_state_dict_into(self, self.optimizer, self.aggregator, state_dict)
 
 
-def _new_path(aggregator: object) -> Path | ScalarPath:
-    """The route of ``backward``: the Jacobian path, or one plain backward for a scalarizer."""
-    return ScalarPath() if isinstance(aggregator, Scalarizer) else Path()
-
-
-@contextlib.contextmanager
-def _autocast_off() -> Iterator[None]:
-    """Run the Jacobian and the aggregation in the parameters' dtypes, even inside an autocast
-    region (Lightning's mixed precision runs the whole training step, ``step`` included, under
-    autocast; the losses were already computed there)."""
-    with contextlib.ExitStack() as stack:
-        for device in ("cpu", "cuda"):
-            if torch.is_autocast_enabled(device):
-                stack.enter_context(torch.autocast(device, enabled=False))
-        yield
-
-
-_HABIT = (
-    "JacobianOptimizer needs the losses themselves: return them from the closure (a vector, "
-    "or a list of scalar losses) without calling loss.backward(); for the two-phase form, call "
-    "opt.backward(losses) and then opt.step()"
-)
-
-
-def _check_not_backpropagated(
-    losses: Any, params: list[Tensor], saved_grads: list[Tensor | None]
-) -> None:
-    """Raise if the closure returned nothing or wrote ``.grad`` itself (``loss.backward()``)."""
-    written = [
-        i
-        for i, (p, g) in enumerate(zip(params, saved_grads, strict=True))
-        if p.grad is not None and p.grad is not g
-    ]
-    if losses is None:
-        raise TypeError(
-            f"expected the losses, got NoneType (does the closure return the losses?): {_HABIT}"
-        )
-    if written:
-        raise RuntimeError(
-            f"the closure wrote .grad of {len(written)} parameter(s) itself (did it call "
-            f"loss.backward()?): {_HABIT}"
-        )
-
-
-def _detached(losses: Any) -> Tensor:
-    if isinstance(losses, (list, tuple)):
-        return torch.stack([torch.as_tensor(loss).detach().reshape(()) for loss in losses])
-    return torch.as_tensor(losses).detach().reshape(-1)
-
-
-def _trainable(optimizer: Optimizer) -> list[Tensor]:
-    """The parameters that require grad, each once (torch warns about a parameter listed twice
-    in a group and keeps it twice; its Jacobian columns and its ``.grad`` are counted once)."""
-    params = {
-        id(p): p for group in optimizer.param_groups for p in group["params"] if p.requires_grad
+def _fresh(aggregator: object) -> dict[str, Any]:
+    """What a new optimizer, a copy and an unpickled one start from: no kept micro-batches, no
+    step-record hooks, no ``.grad`` written."""
+    return {
+        "_path": path_for(aggregator),  # kept micro-batches, the last step's record
+        "_step_record_hooks": StepRecordHooks(),
+        "_grad_written": False,  # by backward(), since the last step or zero_grad
     }
-    return list(params.values())

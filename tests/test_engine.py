@@ -150,3 +150,17 @@ def test_reachable_leaves_stops_at_features():
     assert ids(reachable_leaves([loss], stop_at=[h])) == ids(head.parameters())
     leaf = torch.ones(2, requires_grad=True)
     assert ids(reachable_leaves([leaf])) == {id(leaf)}
+
+
+def test_total_accumulates_without_touching_its_terms_and_promotes_dtypes():
+    from jdoptim.engine._reduce import total
+
+    terms = [torch.randn(3, 3), torch.randn(3, 3, dtype=torch.float64), torch.randn(3, 3)]
+    terms.append(torch.randn(3, 3, dtype=torch.float64))
+    before = [t.clone() for t in terms]
+    result = total(terms)
+    assert result.dtype == torch.float64
+    torch.testing.assert_close(result, sum(t.double() for t in before))
+    assert all(torch.equal(t, b) for t, b in zip(terms, before, strict=True))
+    assert all(result.data_ptr() != t.data_ptr() for t in terms)
+    assert total(terms[:1]) is terms[0]

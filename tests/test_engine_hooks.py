@@ -12,7 +12,7 @@ from torch.func import functional_call, jacrev
 
 from jdoptim import JacobianOptimizer
 from jdoptim.aggregation import Mean, UPGrad
-from jdoptim.engine import JacobianEngine
+from jdoptim.engine import JacobianEngine, _recording
 from jdoptim.engine._recording import Record
 from tests._references import upgrad_reference
 
@@ -183,3 +183,117 @@ def test_compile_after_dropping_an_optimizer(backend):
         gc.enable()
     assert not counters["graph_break"], dict(counters["graph_break"])
     torch.testing.assert_close(out, model(x))
+
+
+def _no_heap_scan(monkeypatch):
+    def refuse(*objects):
+        raise AssertionError("gc.get_referrers was called: the owners were found by a heap scan")
+
+    monkeypatch.setattr(_recording.gc, "get_referrers", refuse)
+
+
+class _Tied(nn.Module):
+    """A trunk with a submodule shared by two parents, and a parameter outside every module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(5, 7)
+        self.b = nn.Sequential(self.a, nn.Tanh(), nn.Linear(7, 3))
+        self.c = nn.LayerNorm(3)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"batch_dim": 0}, {"path": "gramian"}], ids=["per-sample", "layer-gramian"]
+)
+def test_module_argument_finds_the_owners_by_walking_it_not_by_a_heap_scan(monkeypatch, kwargs):
+    torch.manual_seed(3)
+    model = _Tied().double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    scanned = JacobianOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), UPGrad(), **kwargs)
+    expected = {id(m) for m in scanned.gramian_engine._recorder.modules}
+    scanned.remove_hooks()
+    _no_heap_scan(monkeypatch)
+    opt = JacobianOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.0), UPGrad(), module=model, **kwargs
+    )
+    assert {id(m) for m in opt.gramian_engine._recorder.modules} == expected
+    assert len(model.a._forward_hooks) == 1  # the shared submodule is hooked once
+    opt.step(lambda: _per_sample(lambda z: model.c(model.b(z)), x, y))
+    want = _expected_upgrad(nn.Sequential(model.b, model.c), x, y)
+    for name, p in nn.Sequential(model.b, model.c).named_parameters():
+        torch.testing.assert_close(p.grad, want[name])
+    del opt
+    assert all(not m._forward_hooks for m in model.modules())  # no cycle keeps them alive
+
+
+def test_module_argument_hooks_the_modules_of_an_added_group(monkeypatch):
+    _no_heap_scan(monkeypatch)
+    model = _mlp()
+    opt = JacobianOptimizer(
+        torch.optim.SGD(model[0].parameters(), lr=0.1), batch_dim=0, module=model
+    )
+    assert _hook_counts(model) == [0, 1, 0, 0]  # only the owners of the optimizer's parameters
+    opt.add_param_group({"params": model[2].parameters()})
+    assert _hook_counts(model) == [0, 1, 0, 1]
+
+
+@pytest.mark.parametrize(
+    ("module", "error", "match"),
+    [
+        ("model", TypeError, "module must be a torch.nn.Module or None, got str"),
+        (nn.Linear(2, 2), ValueError, r"module \(Linear\) holds none of the wrapped optimizer"),
+    ],
+)
+def test_module_argument_errors(module, error, match):
+    model = _mlp()
+    with pytest.raises(error, match=match):
+        JacobianOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), batch_dim=0, module=module)
+    assert _hook_counts(model) == [0, 0, 0, 0]
+
+
+def test_autogram_engine_walks_its_modules_without_a_heap_scan(monkeypatch):
+    from jdoptim.autogram import Engine
+
+    _no_heap_scan(monkeypatch)
+    model = _mlp()
+    engine = Engine(model, batch_dim=0)
+    assert _hook_counts(model) == [0, 1, 0, 1]
+    del engine
+    assert _hook_counts(model) == [0, 0, 0, 0]
+
+
+class _Unpicklable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _mlp()
+        self.callback = lambda: None  # a model that cannot be pickled
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_module_argument_is_held_weakly_and_not_copied_with_the_optimizer():
+    import copy
+    import pickle
+    import weakref
+
+    torch.manual_seed(5)
+    model = _Unpicklable().double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    opt = JacobianOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.0), UPGrad(), batch_dim=0, module=model
+    )
+    clone = pickle.loads(pickle.dumps(opt))  # the model is not part of the pickle
+    assert clone.gramian_engine._recorder.modules == []  # its parameters belong to no module
+    clone_model, clone_opt = copy.deepcopy((model, opt))
+    assert {id(m) for m in clone_opt.gramian_engine._recorder.modules} == {
+        id(clone_model.net[0]),
+        id(clone_model.net[2]),
+    }
+    clone_opt.step(lambda: _per_sample(clone_model, x, y))
+    for name, p in clone_model.net.named_parameters():
+        torch.testing.assert_close(p.grad, _expected_upgrad(model.net, x, y)[name])
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None  # the optimizer does not keep the model alive

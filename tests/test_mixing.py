@@ -115,25 +115,69 @@ PER_SAMPLE = {
 def test_per_sample_losses_pass_the_check_over_training(case):
     torch.manual_seed(1)
     model, x, y = PER_SAMPLE[case]()
-    opt = JacobianOptimizer(torch.optim.SGD(model.parameters(), lr=0.5), UPGrad(), batch_dim=0)
-    opt.gramian_engine.check_every = 1  # every step: early and late in training
+    opt = JacobianOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.5), UPGrad(), batch_dim=0, mixing_check_every=1
+    )  # every step: early and late in training
     for _ in range(30):
         opt.step(lambda: nn.functional.cross_entropy(model(x), y, reduction="none"))
 
 
-def test_check_every_n_steps(monkeypatch):
-    calls = []
+def _spy(monkeypatch) -> list[int]:
+    calls: list[int] = []
     original = _per_sample.check_per_sample
     monkeypatch.setattr(
         _per_sample, "check_per_sample", lambda *a, **k: calls.append(1) or original(*a, **k)
     )
+    return calls
+
+
+@pytest.mark.parametrize(("every", "checked"), [(100, 1), (3, 3), (1, 7), (None, 0)])
+def test_mixing_check_every_n_steps(monkeypatch, every, checked):
+    calls = _spy(monkeypatch)
     model = _plain()
-    opt = JacobianOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), UPGrad(), batch_dim=0)
-    opt.gramian_engine.check_every = 3
+    opt = JacobianOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        UPGrad(),
+        batch_dim=0,
+        mixing_check_every=every,
+    )
     for _ in range(7):
         opt.step(lambda: _losses(model(torch.randn(8, 4))))
-    assert len(calls) == 3  # steps 1, 4 and 7
-    opt.gramian_engine.check_every = 0  # never
-    for _ in range(3):
-        opt.step(lambda: _two_sample_losses(model(torch.randn(8, 4))))
+    assert len(calls) == checked  # 3: steps 1, 4 and 7
+
+
+def test_mixing_check_counts_micro_batches(monkeypatch):
+    calls = _spy(monkeypatch)
+    model = _plain()
+    opt = JacobianOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), UPGrad(), batch_dim=0, mixing_check_every=2
+    )
+    for k in range(5):  # five micro-batches, one step: passes 1, 3 and 5 are checked
+        opt.backward(_losses(model(torch.randn(8, 4))), accumulate=k < 4)
     assert len(calls) == 3
+
+
+def test_mixing_losses_raise_exactly_on_the_checked_steps():
+    torch.manual_seed(0)
+    model = _plain()
+    opt = JacobianOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), UPGrad(), batch_dim=0, mixing_check_every=3
+    )
+    x = torch.randn(8, 4)
+    opt.step(lambda: _losses(model(x)))  # step 1: checked, per-sample
+    for _ in range(2):  # steps 2 and 3: not checked, so mixing losses go through
+        opt.step(lambda: _two_sample_losses(model(x)))
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(SampleMixingError, match="mix"):  # step 4: checked
+        opt.step(lambda: _two_sample_losses(model(x)))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+
+
+@pytest.mark.parametrize("every", [0, -3, True, 2.5, "10"])
+def test_mixing_check_every_rejects_what_is_not_a_positive_int_or_none(every):
+    model = _plain()
+    with pytest.raises(ValueError, match=r"mixing_check_every must be a positive int .* got"):
+        JacobianOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1), batch_dim=0, mixing_check_every=every
+        )
+    assert all(not m._forward_hooks for m in model.modules())  # nothing was hooked

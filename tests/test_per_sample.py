@@ -290,3 +290,28 @@ def test_grad_scaler_with_batch_dim_is_exact_and_overflow_skips():
 def test_bad_batch_dim(bad):
     with pytest.raises(ValueError, match="batch_dim must be 0"):
         JacobianOptimizer(torch.optim.SGD(nn.Linear(2, 1).parameters(), lr=0.1), batch_dim=bad)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-30], ids=["unit", "tiny (scaled rows)"])
+@pytest.mark.parametrize(
+    ("t", "d", "o"), [(1, 32, 32), (3, 32, 32), (3, 5, 4)], ids=["kernel", "kernel-seq", "rows"]
+)
+def test_linear_rule_weight_and_bias_against_float64_per_sample_gradients(t, d, o, scale):
+    """The bias's Gramian reuses the weight kernel's ``Gₒ Gₒᵀ``: both blocks and both weighted
+    updates equal those of the per-sample gradients formed in float64."""
+    from jdoptim.engine._layer_rules import rule_for
+
+    torch.manual_seed(0)
+    layer = nn.Linear(d, o)
+    x, g = torch.randn(6, t, d), torch.randn(6, t, o) * scale
+    rules = rule_for(layer)(layer, [(x, g)])
+    per_weight = torch.einsum("bto,btd->bod", g.double(), x.double()).reshape(6, -1)
+    per_bias = g.double().sum(dim=1)
+    w = torch.rand(6, dtype=torch.float64)
+    for name, rows in (("weight", per_weight), ("bias", per_bias)):
+        for got, want in (
+            (rules[name].gramian(), rows @ rows.T),
+            (rules[name].update(w).double().reshape(-1), w @ rows),
+        ):  # float32 products: relative to the norm, not entrywise (cancellation)
+            error = torch.linalg.vector_norm(got.double() - want)
+            assert error <= 1e-6 * torch.linalg.vector_norm(want), (name, float(error))

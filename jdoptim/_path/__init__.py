@@ -19,7 +19,8 @@ engines, aggregators and collectives.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -32,7 +33,7 @@ from jdoptim._path._write import check_finite_updates, write, write_overflow
 from jdoptim._validation import NonFiniteError, as_loss_vector
 from jdoptim.engine import NonFiniteGramianError
 
-__all__ = ["Path", "Setup", "StepRecord"]
+__all__ = ["Path", "Setup", "StepRecord", "autocast_off"]
 
 
 class Path:
@@ -132,3 +133,15 @@ def _summed_only(params: Sequence[Tensor], shared: Sequence[Tensor] | None) -> f
     if shared is None:
         return frozenset()
     return frozenset(id(p) for p in params) - {id(p) for p in shared}
+
+
+@contextlib.contextmanager
+def autocast_off() -> Iterator[None]:
+    """Run the Jacobian and the aggregation in the parameters' dtypes, even inside an autocast
+    region (Lightning's mixed precision runs the whole training step, ``step`` included, under
+    autocast; the losses were already computed there)."""
+    with contextlib.ExitStack() as stack:
+        for device in ("cpu", "cuda"):
+            if torch.is_autocast_enabled(device):
+                stack.enter_context(torch.autocast(device, enabled=False))
+        yield

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from jdoptim.engine import PerSampleEngine
 from jdoptim.engine._assembly import combine_parts
@@ -20,12 +20,13 @@ from jdoptim.engine._assembly import combine_parts
 class PerSampleGramian:
     """Gramians of per-sample losses w.r.t. ``params()``, from the per-sample engine.
 
-    Constructing it installs the engine's forward hooks on the modules that own the parameters;
+    Constructing it installs the engine's forward hooks on the modules that own the parameters
+    (found among ``modules`` and their submodules);
     each recorded call lives in the graph of its output, so nothing outlives that graph.
     """
 
-    def __init__(self, params: Callable[[], list[Tensor]]) -> None:
-        self._engine = PerSampleEngine(params)
+    def __init__(self, params: Callable[[], list[Tensor]], modules: Sequence[nn.Module]) -> None:
+        self._engine = PerSampleEngine(params, modules=modules)
 
     def gramian(self, losses: Tensor, params: Sequence[Tensor]) -> Tensor:
         """The ``[m, m]`` Gramian of the ``m`` losses (loss ``i`` depends on sample ``i`` only)."""

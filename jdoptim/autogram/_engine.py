@@ -90,7 +90,7 @@ class Engine:
         self.modules = modules
         self.batch_dim = batch_dim
         self._params = _params_of(modules)  # no reference to self: the hook dies with the engine
-        self._per_sample = None if batch_dim is None else PerSampleGramian(self._params)
+        self._per_sample = None if batch_dim is None else PerSampleGramian(self._params, modules)
 
     def compute_gramian(self, output: Tensor, /) -> Tensor:
         """Return the Gramian of the Jacobian of ``output`` w.r.t. the modules' parameters.

@@ -109,6 +109,9 @@ class LayerGramianEngine:
         parameters of a multi-task model).
     parallel_chunk_size:
         Chunk size of the batched backward pass (``None``: all ``m`` rows at once).
+    modules:
+        Modules whose trees hold the ``nn.Linear`` layers owning ``params`` (walked, cheap);
+        ``None``: found by a scan of the heap.
 
     Notes
     -----
@@ -119,10 +122,13 @@ class LayerGramianEngine:
     """
 
     def __init__(
-        self, params: Callable[[], list[Tensor]], parallel_chunk_size: int | None = None
+        self,
+        params: Callable[[], list[Tensor]],
+        parallel_chunk_size: int | None = None,
+        modules: Sequence[nn.Module] | None = None,
     ) -> None:
         self._fallback = JacobianEngine(parallel_chunk_size)
-        self._recorder = Recorder(params, _plain_linear)
+        self._recorder = Recorder(params, _plain_linear, roots=modules)
 
     def refresh(self) -> None:
         """Hook the modules of the current parameters (after ``add_param_group``)."""
@@ -133,10 +139,14 @@ class LayerGramianEngine:
         self._recorder.remove()
 
     def __getstate__(self) -> dict[str, object]:
-        return {"params": self._recorder._params, "chunk": self._fallback.parallel_chunk_size}
+        return {
+            "params": self._recorder._params,
+            "chunk": self._fallback.parallel_chunk_size,
+            "modules": None,  # a copy scans: it may hold a copy of the model, or none
+        }
 
     def __setstate__(self, state: dict[str, object]) -> None:
-        self.__init__(state["params"], state["chunk"])  # type: ignore[misc]
+        self.__init__(state["params"], state["chunk"], state["modules"])  # type: ignore[misc]
 
     def gramian_step(
         self,

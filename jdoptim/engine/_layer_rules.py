@@ -61,36 +61,60 @@ def _rows(
     return PerSample(gramian=rows.gramian, update=lambda w: rows.combine(w).view(shape))
 
 
-def _linear_map(inputs: Tensor, grads: Tensor, shape: torch.Size) -> PerSample:
-    """Per-sample closed form of ``y_t = W a_t`` over positions ``t``: ``inputs [B, T, d]``,
-    ``grads [B, T, o]`` (both scaled per sample by powers of two, see
-    :mod:`jdoptim.engine._scaled`); the parameter has ``shape`` with ``o·d`` elements.
+def _linear_map(
+    inputs: Tensor, grads: Tensor, shape: torch.Size, bias: torch.Size | None = None
+) -> tuple[PerSample, PerSample | None]:
+    """Per-sample closed form of ``y_t = W a_t (+ b)`` over positions ``t``: ``inputs
+    [B, T, d]``, ``grads [B, T, o]``; the weight has ``shape`` with ``o·d`` elements, the bias
+    (if any) the shape ``bias``. Returns the rules of the weight and of the bias.
 
-    Two exact ways to the Gramian; the one with fewer operations is used. The kernel form
-    ``Σ_{t,s} (A_i A_jᵀ)_{ts} (Gₒ_i Gₒ_jᵀ)_{ts}`` costs ``(BT)²(d + o)`` and never forms a
+    Two exact ways to the weight's Gramian; the one with fewer operations is used. The kernel
+    form ``Σ_{t,s} (A_i A_jᵀ)_{ts} (Gₒ_i Gₒ_jᵀ)_{ts}`` costs ``(BT)²(d + o)`` and never forms a
     per-sample gradient; materialising the ``B`` per-sample gradients ``Gₒ_iᵀ A_i`` costs
-    ``BTod + B²od`` and ``B·o·d`` memory (small layers, long sequences).
+    ``BTod + B²od`` and ``B·o·d`` memory (small layers, long sequences). The bias's per-sample
+    gradient is ``1ᵀ Gₒ_i``, so its Gramian ``Σ_{t,s} (Gₒ_i Gₒ_jᵀ)_{ts}`` reuses the kernel
+    form's ``Gₒ Gₒᵀ`` (a quarter to a half of the Gramian's work at large ``B``).
+    Inputs and gradients are scaled per sample by powers of two (:mod:`jdoptim.engine._scaled`).
     """
     b, t, d = inputs.shape
     o = grads.shape[2]
     exps_a, exps_g = exponents([inputs]), exponents([grads])
     scaled_a, scaled_g = scale_rows(inputs, exps_a), scale_rows(grads, exps_g)
     exps = add(exps_a, exps_g)
+    bias_rule = None if bias is None else _rows(scaled_g.sum(dim=1), bias, True, exps_g)
     if (b * t) ** 2 * (d + o) > b * t * o * d + b * b * o * d:
-        return _rows(torch.einsum("bto,btd->bod", scaled_g, scaled_a), shape, True, exps)
+        weight = _rows(torch.einsum("bto,btd->bod", scaled_g, scaled_a), shape, True, exps)
+        return weight, bias_rule
     flat_a, flat_g = scaled_a.reshape(b * t, d), scaled_g.reshape(b * t, o)
+    kernels: list[Tensor] = []  # G_o G_oᵀ, formed once for the weight and the bias
+
+    def gg() -> Tensor:
+        if not kernels:
+            kernels.append(flat_g @ flat_g.T)
+        return kernels[0]
+
+    def per_sample(kernel: Tensor) -> Tensor:
+        return kernel if t == 1 else kernel.view(b, t, b, t).sum(dim=(1, 3))
 
     def gramian() -> Tensor:
-        kernel = (flat_a @ flat_a.T) * (flat_g @ flat_g.T)
-        kernel = kernel if t == 1 else kernel.view(b, t, b, t).sum(dim=(1, 3))
-        return unscale_gramian(kernel, exps)
+        return unscale_gramian(per_sample((flat_a @ flat_a.T) * gg()), exps)
 
     def weighted(w: Tensor) -> Tensor:
         coef, shift = coefficients(w, exps, flat_a.dtype)
         scaled = (scaled_g * coef[:, None, None]).reshape(b * t, o)
         return rescale(scaled.T @ flat_a, shift).view(shape)
 
-    return PerSample(gramian=gramian, update=weighted)
+    if bias_rule is not None:
+        bias_rule.gramian = lambda: unscale_gramian(per_sample(gg()), exps_g)
+    return PerSample(gramian=gramian, update=weighted), bias_rule
+
+
+def _weight_and_bias(
+    inputs: Tensor, grads: Tensor, weight: Tensor, bias: Tensor | None, prefix: str = ""
+) -> dict[str, PerSample]:
+    """The rules of a linear map's ``weight`` and ``bias`` (named with ``prefix``)."""
+    w, b = _linear_map(inputs, grads, weight.shape, None if bias is None else bias.shape)
+    return {f"{prefix}weight": w} | ({} if b is None else {f"{prefix}bias": b})
 
 
 def _sequence(x: Tensor) -> Tensor:
@@ -105,10 +129,7 @@ Calls = list[tuple[Tensor, Tensor]]
 def _linear(module: nn.Linear, calls: Calls) -> dict[str, PerSample]:
     a = torch.cat([_sequence(x) for x, _ in calls], dim=1)
     g = torch.cat([_sequence(y) for _, y in calls], dim=1)
-    rules = {"weight": _linear_map(a, g, module.weight.shape)}
-    if module.bias is not None:
-        rules["bias"] = _rows(g.sum(dim=1), module.bias.shape)
-    return rules
+    return _weight_and_bias(a, g, module.weight, module.bias)
 
 
 def _unfold(module: nn.Conv1d | nn.Conv2d, inputs: Tensor, grads: Tensor) -> tuple[Tensor, Tensor]:
@@ -133,10 +154,7 @@ def _conv(module: nn.Conv1d | nn.Conv2d, calls: Calls) -> dict[str, PerSample]:
     unfolded = [_unfold(module, x, y) for x, y in calls]
     a = torch.cat([u[0] for u in unfolded], dim=1)
     g = torch.cat([u[1] for u in unfolded], dim=1)
-    rules = {"weight": _linear_map(a, g, module.weight.shape)}
-    if module.bias is not None:
-        rules["bias"] = _rows(g.sum(dim=1), module.bias.shape)
-    return rules
+    return _weight_and_bias(a, g, module.weight, module.bias)
 
 
 def _embedding(module: nn.Embedding, calls: Calls) -> dict[str, PerSample]:
@@ -200,15 +218,9 @@ def _self_attention(module: nn.MultiheadAttention, calls: Calls) -> dict[str, Pe
     g = torch.cat([g for _, g in calls], dim=1)
     o = torch.cat([r[0] for r in replayed], dim=1)
     g_qkv = torch.cat([r[1] for r in replayed], dim=1)
-    rules = {
-        "in_proj_weight": _linear_map(x, g_qkv, module.in_proj_weight.shape),
-        "out_proj.weight": _linear_map(o, g, module.out_proj.weight.shape),
-    }
-    if module.in_proj_bias is not None:
-        rules["in_proj_bias"] = _rows(g_qkv.sum(dim=1), module.in_proj_bias.shape)
-    if module.out_proj.bias is not None:
-        rules["out_proj.bias"] = _rows(g.sum(dim=1), module.out_proj.bias.shape)
-    return rules
+    rules = _weight_and_bias(x, g_qkv, module.in_proj_weight, module.in_proj_bias, "in_proj_")
+    out = _weight_and_bias(o, g, module.out_proj.weight, module.out_proj.bias)
+    return rules | {f"out_proj.{name}": rule for name, rule in out.items()}
 
 
 def covered(module: nn.Module) -> list[tuple[str, Tensor]]:

@@ -48,8 +48,11 @@ class PerSampleEngine:
     parallel_chunk_size:
         Chunk size of the batched VJPs used for parameters without a closed form.
     check_every:
-        The sample-mixing check runs on the first step, then every ``check_every`` steps
-        (``0``: never).
+        The sample-mixing check runs on the first backward pass, then every ``check_every``
+        passes (each micro-batch is one); ``None``: never.
+    modules:
+        Modules whose trees hold the modules owning ``params`` (walked, cheap); ``None``: found
+        by a scan of the heap (:func:`~jdoptim.engine._recording.owning_modules`).
 
     Notes
     -----
@@ -62,10 +65,11 @@ class PerSampleEngine:
         self,
         params: Callable[[], list[Tensor]],
         parallel_chunk_size: int | None = None,
-        check_every: int = 100,
+        check_every: int | None = 100,
+        modules: Sequence[nn.Module] | None = None,
     ) -> None:
         self._fallback = JacobianEngine(parallel_chunk_size)
-        self._recorder = Recorder(params, _recorded, attention.replayable)
+        self._recorder = Recorder(params, _recorded, attention.replayable, modules)
         self.check_every = check_every
         self._steps = 0
 
@@ -82,10 +86,13 @@ class PerSampleEngine:
             "params": self._recorder._params,
             "chunk": self._fallback.parallel_chunk_size,
             "check_every": self.check_every,
+            "modules": None,  # a copy scans: it may hold a copy of the model, or none
         }
 
     def __setstate__(self, state: dict[str, object]) -> None:
-        self.__init__(state["params"], state["chunk"], state["check_every"])  # type: ignore[misc]
+        self.__init__(  # type: ignore[misc]
+            state["params"], state["chunk"], state["check_every"], state["modules"]
+        )
 
     def gramian_step(
         self,
@@ -147,7 +154,7 @@ class PerSampleEngine:
         inputs = [GradientEdge(node, r.output_nr) for _, node, r in edges] + [
             params[k] for k in sums
         ]
-        check = self.check_every > 0 and self._steps % self.check_every == 0 and bool(edges)
+        check = bool(self.check_every) and self._steps % self.check_every == 0 and bool(edges)
         keep = retain_graph or bool(fallback) or check
         grads = (
             list(torch.autograd.grad(losses.sum(), inputs, retain_graph=keep, allow_unused=True))

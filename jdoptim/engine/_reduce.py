@@ -16,10 +16,18 @@ from jdoptim.aggregation._bases import GramianWeightedAggregator
 
 
 def total(tensors: Sequence[Tensor]) -> Tensor:
-    """Return the sum of a non-empty sequence of tensors of one shape."""
+    """Return the sum of a non-empty sequence of tensors of one shape.
+
+    After the first addition the sum is accumulated in place, into the tensor that addition
+    created (no input is modified; one allocation instead of one per term: the terms of a
+    per-sample Gramian at B = 1024 are 8 MB each).
+    """
     result = tensors[0]
-    for t in tensors[1:]:
-        result = result + t
+    for k, t in enumerate(tensors[1:]):
+        if k > 0 and result.dtype == torch.promote_types(result.dtype, t.dtype):
+            result += t
+        else:
+            result = result + t
     return result
 
 
