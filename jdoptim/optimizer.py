@@ -6,7 +6,7 @@ import contextlib
 import functools
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
@@ -14,6 +14,7 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from jdoptim._aggregator_state import load_with, state_of
+from jdoptim._distributed import resolve_group
 from jdoptim._path import Path, Setup
 from jdoptim._scalarized import ScalarPath, check_scalarizer_options
 from jdoptim._validation import check_options
@@ -21,6 +22,10 @@ from jdoptim.aggregation import GramianWeightedAggregator, UPGrad
 from jdoptim.diagnostics import StepRecord, record_of
 from jdoptim.engine import JacobianEngine, LayerGramianEngine, PerSampleEngine
 from jdoptim.scalarization import Scalarizer
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+    from torch.distributed.device_mesh import DeviceMesh
 
 __all__ = ["JacobianOptimizer"]
 
@@ -99,6 +104,11 @@ class JacobianOptimizer(Optimizer):
         Every rank then runs the same aggregation and writes the same ``.grad``; ``step`` and
         ``backward`` return the local losses. After each exchange, ``cross_rank_bytes`` holds
         the bytes this rank sent. See :doc:`/distributed`.
+    process_group:
+        The ranks that exchange: a ``torch.distributed`` ``ProcessGroup`` (from ``new_group``) or
+        a 1-D ``DeviceMesh``; ``None`` (default): every process. Each process must belong to its
+        optimizer's group. Under FSDP2 (``fully_shard``) the ranks of the parameters' mesh
+        exchange; a ``process_group`` given there must be that mesh's group.
 
     Notes
     -----
@@ -146,6 +156,7 @@ class JacobianOptimizer(Optimizer):
         batch_dim: int | None = None,
         path: Literal["auto", "jacobian", "gramian"] = "auto",
         cross_rank: Literal["mean", "concat"] | None = None,
+        process_group: ProcessGroup | DeviceMesh | None = None,
     ) -> None:
         if isinstance(optimizer, JacobianOptimizer):
             raise TypeError("optimizer is already a JacobianOptimizer: do not wrap it twice")
@@ -160,6 +171,7 @@ class JacobianOptimizer(Optimizer):
         shared, cross_rank = check_options(
             optimizer, aggregator, shared_params, grad_scaler, batch_dim, path, cross_rank
         )
+        group = resolve_group(process_group)
         # Initialise like every Optimizer (hook dicts, patched step) without a second copy of
         # the parameter groups: those live in the wrapped optimizer.
         Optimizer.__setstate__(
@@ -172,6 +184,7 @@ class JacobianOptimizer(Optimizer):
                 "engine": JacobianEngine(parallel_chunk_size),
                 "gramian_engine": None,
                 "cross_rank": cross_rank,
+                "process_group": group,
                 "_path": _new_path(aggregator),  # kept micro-batches, the last step's record
                 "_grad_written": False,  # by backward(), since the last step or zero_grad
             },
@@ -214,6 +227,7 @@ class JacobianOptimizer(Optimizer):
             "engine": self.engine,
             "gramian_engine": self.gramian_engine,
             "cross_rank": self.cross_rank,
+            "process_group": self.process_group,
             "_path": _new_path(self.aggregator),  # copies and pickles keep no micro-batches
             "_grad_written": False,
         }
@@ -383,6 +397,7 @@ class JacobianOptimizer(Optimizer):
             shared=self.shared_params,
             cross_rank=self.cross_rank,
             scaler=self.grad_scaler,
+            process_group=self.process_group,
         )
         hooks = self.__dict__.get("_step_record_hooks")
         observe = bool(hooks) and not accumulate

@@ -10,25 +10,20 @@ and the processes are killed if they outlive the join deadline.
 
 from __future__ import annotations
 
-import datetime
-import gc
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import traceback
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from jdoptim import JacobianOptimizer
 from jdoptim.aggregation import GramianWeightedAggregator, Random, UPGrad
+from tests._ranks import Collectives, run_ranks
 from tests.test_optimizer_atomic import _CountingWeighting
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,32 +106,6 @@ def _train(name: str, rank: int, world: int) -> tuple[list[torch.Tensor], list[i
     return [p.detach().clone() for p in model.parameters()], sent
 
 
-class _Counter:
-    """Counts the collectives run through ``torch.distributed`` while it is installed."""
-
-    NAMES = ("all_gather", "all_gather_object", "all_reduce", "broadcast_object_list")
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self._saved = {n: getattr(dist, n) for n in self.NAMES}
-
-    def __enter__(self) -> _Counter:
-        for n, f in self._saved.items():
-            setattr(dist, n, self._counted(f))
-        return self
-
-    def _counted(self, f):
-        def wrapper(*args, **kwargs):
-            self.calls += 1
-            return f(*args, **kwargs)
-
-        return wrapper
-
-    def __exit__(self, *exc) -> None:
-        for n, f in self._saved.items():
-            setattr(dist, n, f)
-
-
 def _edge_cases(rank: int) -> dict[str, object]:
     """Errors raise on every rank (no hang); accumulation exchanges nothing before the end."""
     out: dict[str, object] = {}
@@ -156,11 +125,11 @@ def _edge_cases(rank: int) -> dict[str, object]:
     except Exception as e:
         out["unequal"] = (type(e).__name__, str(e))
     opt = JacobianOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), batch_dim=0)
-    with _Counter() as counter:
+    with Collectives() as counter:
         opt.backward(model(x).sum(dim=1), accumulate=True)
-        out["collectives_while_accumulating"] = counter.calls
+        out["collectives_while_accumulating"] = len(counter.groups)
         opt.backward(model(x).sum(dim=1))
-        out["collectives_at_the_end"] = counter.calls
+        out["collectives_at_the_end"] = len(counter.groups)
     out["record_m"] = (opt._path.record.m, tuple(opt._path.record.gramian.shape))
     for name, batch_dim in (("atomic_samples", 0), ("atomic_mean", None)):
         out[name] = _failed_late(model, x, batch_dim)
@@ -193,54 +162,20 @@ def _failed_late(model: nn.Module, x: torch.Tensor, batch_dim: int | None) -> tu
     return ("no error",)
 
 
-def _worker(rank: int, world: int, port: int, folder: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
-    )
-    try:
-        results: dict[str, object] = {}
-        for name in SCENARIOS:
-            try:
-                results[name] = _train(name, rank, world)
-            except Exception:  # reported to the test as a traceback
-                results[name] = traceback.format_exc()
-        results["edge_cases"] = _edge_cases(rank)
-        torch.save(results, os.path.join(folder, f"rank{rank}.pt"))
-        gc.collect()  # free the DDP wrappers before their process group (see the example)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _worker(rank: int, world: int, folder: str) -> dict[str, object]:
+    results: dict[str, object] = {}
+    for name in SCENARIOS:
+        try:
+            results[name] = _train(name, rank, world)
+        except Exception:  # reported to the test as a traceback
+            results[name] = traceback.format_exc()
+    results["edge_cases"] = _edge_cases(rank)
+    return results
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict[str, object]]:
-    folder = tmp_path_factory.mktemp("ranks")
-    context = mp.start_processes(
-        _worker,
-        args=(WORLD, _free_port(), str(folder)),
-        nprocs=WORLD,
-        join=False,
-        start_method="spawn",
-    )
-    deadline = time.monotonic() + DEADLINE_S
-    try:
-        while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the {WORLD} processes did not finish within {DEADLINE_S} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-                process.join(5)
-    return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return run_ranks(_worker, WORLD, tmp_path_factory.mktemp("ranks"), DEADLINE_S)
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))

@@ -9,6 +9,9 @@ engine's combination of parts, :func:`combine_samples`). Three routes, chosen pe
 ``"samples"``
     The per-sample engine (``batch_dim=0``): recorded layer inputs and output gradients, the
     rows of the parameters without a closed form, the summed gradients (a ``SamplePart``).
+``"sharded"``
+    FSDP2: the Jacobian engine's full-width rows w.r.t. the unsharded parameters that the
+    forward used (:mod:`jdoptim._fsdp`); :mod:`jdoptim._path._sharded` combines them by shards.
 ``"layers"``
     The layer-Gramian engine (``shared_params`` with a Gramian aggregator): its pass needs the
     weights half-way, so its part is a deferred call that the weigh stage completes.
@@ -26,12 +29,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from jdoptim._fsdp import unsharded
 from jdoptim._validation import check_dense_gradients
 from jdoptim.aggregation import GramianWeightedAggregator
 from jdoptim.engine import JacobianEngine, PerSampleEngine
 from jdoptim.engine._per_sample import SamplePart, combine_parts
 
-Route = Literal["jacobian", "samples", "layers"]
+Route = Literal["jacobian", "samples", "layers", "sharded"]
 Mode = Literal["mean", "concat"]
 
 
@@ -45,6 +49,7 @@ class Setup:
     shared: list[Tensor] | None
     cross_rank: Mode
     scaler: torch.amp.GradScaler | None
+    process_group: Any = None  # the ProcessGroup of the collectives (None: the default group)
 
     def scale(self) -> float | None:
         """The scale of an enabled ``GradScaler``; ``None`` without one (one host read)."""
@@ -96,14 +101,15 @@ def collect(
     unscale = 1.0 if scale is None else scale
     if route == "samples":
         return engine.collect(losses, params, summed_only=summed_only, unscale=unscale)
-    check_dense_gradients(losses, params)
+    inputs = unsharded(params) if route == "sharded" else params  # FSDP2: the graph's leaves
+    check_dense_gradients(losses, inputs)
     if route == "layers":
         return LayerPart(
             lambda weights: engine.gramian_step(
                 losses, params, weights, summed_only=summed_only, unscale=unscale
             )[0]
         )
-    blocks = setup.engine.jacobians(losses, params)
+    blocks = setup.engine.jacobians(losses, inputs)
     for k, (p, j) in enumerate(zip(params, blocks, strict=True)):
         if j is not None:
             j = j.sum(dim=0, keepdim=True) if id(p) in summed_only else j

@@ -80,22 +80,12 @@ class JacobianParts:
         if exchange is None and error is not None:
             raise error
         params = self.params
-        blocks = self._local() if error is None else []
-        m = sum(self._m) if self.mode == "concat" else (self._m[0] if self._m else 0)
+        blocks, ms, wanted = self.agreed(exchange, error)
         if exchange is None:
             return blocks
-        reached = tuple(b is not None for b in blocks)
-        signatures = exchange.agree((m, reached), error)
-        ms = [sig[0] for sig in signatures]
-        if self.mode == "mean" and len(set(ms)) != 1:
-            raise ValueError(
-                f"cross_rank='mean' averages loss vectors of the same length on every rank, got "
-                f"{ms} losses on ranks 0..{len(ms) - 1} (use cross_rank='concat' for per-sample "
-                "losses)"
-            )
-        wanted = [any(sig[1][k] for sig in signatures) for k in range(len(params))]
+        m = ms[exchange.rank]
         rows = [1 if self.summed[k] else m for k in range(len(params))]
-        sent = [_filled(blocks[k], rows[k], params[k]) for k in range(len(params)) if wanted[k]]
+        sent = [filled(blocks[k], rows[k], params[k]) for k in range(len(params)) if wanted[k]]
         if self.mode == "mean":
             received = iter(exchange.mean(sent))
             return [next(received) if w else None for w in wanted]
@@ -111,6 +101,26 @@ class JacobianParts:
             out.append(total(pieces) if self.summed[k] else torch.cat(pieces))
         return out
 
+    def agreed(
+        self, exchange: Exchange | None, error: Failure
+    ) -> tuple[list[Tensor | None], list[int], list[bool]]:
+        """This rank's combined blocks, every rank's number of losses, and per parameter
+        whether some rank's losses reach it (one small exchange; ``error`` raised on every
+        rank)."""
+        blocks = self._local() if error is None else []
+        m = sum(self._m) if self.mode == "concat" else (self._m[0] if self._m else 0)
+        if exchange is None:
+            return blocks, [m], [b is not None for b in blocks]
+        signatures = exchange.agree((m, tuple(b is not None for b in blocks)), error)
+        ms = [sig[0] for sig in signatures]
+        if self.mode == "mean" and len(set(ms)) != 1:
+            raise ValueError(
+                f"cross_rank='mean' averages loss vectors of the same length on every rank, got "
+                f"{ms} losses on ranks 0..{len(ms) - 1} (use cross_rank='concat' for per-sample "
+                "losses)"
+            )
+        return blocks, ms, [any(sig[1][k] for sig in signatures) for k in range(len(self.params))]
+
     def _local(self) -> list[Tensor | None]:
         if self.count == 1:  # the plain step: nothing to combine, nothing copied
             return self._parts[0]
@@ -125,7 +135,7 @@ class JacobianParts:
                 out.append(total([b for b in column if b is not None]))
             else:
                 out.append(
-                    torch.cat([_filled(b, m, p) for b, m in zip(column, self._m, strict=True)])
+                    torch.cat([filled(b, m, p) for b, m in zip(column, self._m, strict=True)])
                 )
         return out
 
@@ -191,6 +201,6 @@ def new_parts(
     return JacobianParts(params, mode, [id(p) in summed_only for p in params])
 
 
-def _filled(block: Tensor | None, rows: int, param: Tensor) -> Tensor:
+def filled(block: Tensor | None, rows: int, param: Tensor) -> Tensor:
     """``block``, or zeros of its shape when this part does not reach the parameter."""
     return param.new_zeros((rows, *param.shape)) if block is None else block
