@@ -55,6 +55,10 @@ SCENARIOS = {
         1,
     ),
     "concat_ddp_static_graph": ("concat", "sample", {"static_graph": True}, False, 0, "auto", 1),
+    # Per-sample losses averaged over ranks (and micro-batches): loss i is the mean of the i-th
+    # samples' losses. The per-sample engine forms the mean Jacobian's Gramian from layer pieces.
+    "mean_per_sample_ddp": ("mean", "sample", True, False, 0, "auto", 1),
+    "mean_per_sample_shared_accumulate": ("mean", "sample", True, True, 0, "auto", 2),
 }
 
 
@@ -72,6 +76,10 @@ def _data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 def _train(name: str, rank: int, world: int) -> tuple[list[torch.Tensor], list[int]]:
     """Train the scenario on this rank's shard; return the parameters and the bytes per step."""
     cross_rank, kind, ddp, shared, batch_dim, path, micro = SCENARIOS[name]
+    groups = micro * WORLD  # the loss vectors that "mean" averages
+    mean_of_samples = world == 1 and cross_rank == "mean" and kind == "sample"
+    if mean_of_samples:  # the reference: those means, formed in one graph, Jacobian engine
+        batch_dim, path = None, "jacobian"
     micro = micro if world > 1 else 1  # the reference sees the global batch at once
     model = _model()
     options = ddp if isinstance(ddp, dict) else {}
@@ -88,6 +96,8 @@ def _train(name: str, rank: int, world: int) -> tuple[list[torch.Tensor], list[i
 
     def losses_of(x, y):
         squared = (net(x) - y) ** 2
+        if mean_of_samples:
+            return squared.sum(dim=1).view(groups, -1).mean(dim=0)
         return squared.mean(dim=0) if kind == "task" else squared.sum(dim=1)
 
     sent = []
@@ -201,6 +211,8 @@ def test_the_per_sample_engine_sends_layer_pieces_not_the_jacobian(ranks):
     assert sent == [4 * (36 + 21) * 8] * STEPS
     _, sent = ranks[0]["mean_ddp"]
     assert sent == [3 * (36 + 21) * 8] * STEPS  # one all_reduce of the 3 x n Jacobian
+    _, sent = ranks[0]["mean_per_sample_ddp"]
+    assert sent == [pieces] * STEPS  # "mean" sends the same layer pieces as "concat"
 
 
 def test_a_failure_on_one_rank_raises_on_every_rank(ranks):

@@ -61,14 +61,15 @@ def choose_route(setup: Setup, combined: bool) -> Route:
     """The route of a call; ``combined``: several micro-batches or ranks meet in this step.
 
     A Gramian engine serves only an aggregator that needs only the Gramian. The per-sample
-    engine's pieces combine by concatenation only (the Gramian of a mean of Jacobians is not a
-    sum of Gramians); the layer-Gramian engine's pass does not combine at all.
+    engine's pieces combine in both modes (under ``"mean"`` through the Gramian of the
+    concatenation: see :class:`~jdoptim._path._combine.SampleParts`); the layer-Gramian engine's
+    pass does not combine at all.
     """
     engine = setup.gramian_engine
     if engine is None or not isinstance(setup.aggregator, GramianWeightedAggregator):
         return "jacobian"
     if isinstance(engine, PerSampleEngine):
-        return "samples" if not combined or setup.cross_rank == "concat" else "jacobian"
+        return "samples"
     return "jacobian" if combined else "layers"
 
 

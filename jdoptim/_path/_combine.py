@@ -10,7 +10,7 @@ the exchange, so that no rank waits in a collective.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -141,13 +141,22 @@ class JacobianParts:
 
 
 class SampleParts:
-    """The per-sample engine's parts of micro-batches, concatenated (then over ranks)."""
+    """The per-sample engine's parts of micro-batches, concatenated (then over ranks).
+
+    Under ``"mean"`` the global Jacobian is ``J̄ = P J`` with ``J`` the concatenated rows of the
+    ``c`` parts (micro-batches and ranks, ``m`` losses each) and ``P = (1/c) [I_m … I_m]``: its
+    Gramian is ``P G Pᵀ`` (the mean of the ``c × c`` blocks of ``G``, times ``1/c``) and its
+    update ``J̄ᵀ w = Jᵀ (Pᵀ w)``. So the engine forms the Gramian of the concatenation from the
+    same layer pieces as under ``"concat"`` (no ``m × n`` Jacobian crosses ranks), and the weights
+    of ``P G Pᵀ`` are spread back over the parts.
+    """
 
     route: Route = "samples"
 
-    def __init__(self, params: Sequence[Tensor], summed_only: frozenset[int]) -> None:
+    def __init__(self, params: Sequence[Tensor], summed_only: frozenset[int], mode: Mode) -> None:
         self.params = list(params)
         self.summed_only = summed_only
+        self.mode = mode
         self.parts: list[Any] = []  # the engine's SamplePart objects
 
     def add(self, part: Any) -> None:
@@ -163,9 +172,23 @@ class SampleParts:
             gather = exchange.gather
         elif error is not None:
             raise error
-        return combine_samples(
-            self.parts, self.params, weigh.weights, self.summed_only, gather, signatures
+        weights, count = weigh.weights, 1
+        if self.mode == "mean":
+            ms = [sig[0] for rank in signatures or [[(p.m,) for p in self.parts]] for sig in rank]
+            if len(set(ms)) != 1:
+                raise ValueError(
+                    f"cross_rank='mean' averages loss vectors of the same length, got {ms} losses "
+                    "in the micro-batches of ranks 0.. (use cross_rank='concat' for per-sample "
+                    "losses)"
+                )
+            weights, count = _of_the_mean(weigh.weights, len(ms)), len(ms)
+        updates = combine_samples(
+            self.parts, self.params, weights, self.summed_only, gather, signatures
         )
+        summed = [id(p) in self.summed_only for p in self.params]
+        return [
+            u / count if u is not None and s else u for u, s in zip(updates, summed, strict=True)
+        ]
 
 
 class LayerParts:
@@ -187,6 +210,18 @@ class LayerParts:
         return self.part.run(weigh.weights)
 
 
+def _of_the_mean(weights: Callable[[Tensor], Tensor], count: int) -> Callable[[Tensor], Tensor]:
+    """``G ↦ Pᵀ W(P G Pᵀ)`` for ``P = (1/count) [I … I]``: the weights of the mean Jacobian, on
+    the rows of the concatenation of ``count`` equal-sized parts."""
+
+    def of_concatenated(gramian: Tensor) -> Tensor:
+        m = gramian.shape[0] // count
+        mean = gramian.view(count, m, count, m).sum(dim=(0, 2)) / count**2
+        return (weights(mean) / count).repeat(count)
+
+    return of_concatenated
+
+
 Parts = JacobianParts | SampleParts | LayerParts
 
 
@@ -195,7 +230,7 @@ def new_parts(
 ) -> Parts:
     """An empty container for the parts of ``route``."""
     if route == "samples":
-        return SampleParts(params, summed_only)
+        return SampleParts(params, summed_only, mode)
     if route == "layers":
         return LayerParts()
     return JacobianParts(params, mode, [id(p) in summed_only for p in params])
