@@ -112,6 +112,20 @@ def test_mean_mode_of_per_sample_losses_uses_the_per_sample_engine_exactly():
     torch.testing.assert_close(opt._path.record.gramian, jacobian @ jacobian.T)
 
 
+def test_mean_mode_of_task_losses_uses_the_layer_gramian_engine_exactly():
+    """Three micro-batches of task losses through the layer-Gramian engine (``path="gramian"``):
+    the mean Jacobian's Gramian comes from the concatenated layer inputs and output gradients."""
+    model = _mlp(5)
+    x, y = torch.randn(12, 5), torch.randn(12, 3)
+    opt = JacobianOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), UPGrad(), path="gramian")
+    for i, (xs, ys) in enumerate(zip(x.split(4), y.split(4), strict=True)):
+        opt.backward(_task_losses(xs, ys)(model), accumulate=i < 2)
+    assert opt._path.record.route == "layers"
+    jacobian = _jacobian(model, _task_losses(x, y))
+    torch.testing.assert_close(_grads(model), upgrad_reference(jacobian), rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(opt._path.record.gramian, jacobian @ jacobian.T)
+
+
 def test_concat_mode_when_the_layer_shapes_differ_between_micro_batches():
     """Sequences of length 2 then 3: no common closed form, the rows are materialised."""
     torch.manual_seed(2)

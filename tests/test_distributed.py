@@ -59,6 +59,9 @@ SCENARIOS = {
     # samples' losses. The per-sample engine forms the mean Jacobian's Gramian from layer pieces.
     "mean_per_sample_ddp": ("mean", "sample", True, False, 0, "auto", 1),
     "mean_per_sample_shared_accumulate": ("mean", "sample", True, True, 0, "auto", 2),
+    # Task losses with the layer-Gramian engine: ranks send layer inputs and output gradients.
+    "mean_gramian_ddp": ("mean", "task", True, False, None, "gramian", 1),
+    "mean_shared_accumulate_ddp": ("mean", "task", True, True, None, "auto", 2),
 }
 
 
@@ -213,6 +216,16 @@ def test_the_per_sample_engine_sends_layer_pieces_not_the_jacobian(ranks):
     assert sent == [3 * (36 + 21) * 8] * STEPS  # one all_reduce of the 3 x n Jacobian
     _, sent = ranks[0]["mean_per_sample_ddp"]
     assert sent == [pieces] * STEPS  # "mean" sends the same layer pieces as "concat"
+
+
+def test_the_layer_gramian_engine_sends_layer_pieces_under_mean(ranks):
+    # 3 task losses, local batch 4. Linear(5, 6): input [4, 5], output gradients [3, 4, 6];
+    # Linear(6, 3): [4, 6] and [3, 4, 3]. The Jacobian would be 3 x 57 values.
+    _, sent = ranks[0]["mean_gramian_ddp"]
+    assert sent == [(4 * 5 + 3 * 4 * 6 + 4 * 6 + 3 * 4 * 3) * 8] * STEPS
+    # shared_params=Linear(5, 6): its pieces, and the summed gradient of the head (6 x 3 + 3).
+    _, sent = ranks[0]["mean_shared_ddp"]
+    assert sent == [(4 * 5 + 3 * 4 * 6 + 21) * 8] * STEPS
 
 
 def test_a_failure_on_one_rank_raises_on_every_rank(ranks):

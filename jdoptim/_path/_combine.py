@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from jdoptim._distributed import Exchange
-from jdoptim._path._collect import JacobianPart, LayerPart, Mode, Route, combine_samples
+from jdoptim._path._collect import JacobianPart, Mode, Route, combine_samples
+from jdoptim._path._layers import LayerParts
 from jdoptim._path._weigh import Weigh
 from jdoptim.engine._reduce import total
 
@@ -191,25 +192,6 @@ class SampleParts:
         ]
 
 
-class LayerParts:
-    """The layer-Gramian engine's single part: one micro-batch on one rank."""
-
-    route: Route = "layers"
-
-    def __init__(self) -> None:
-        self.part: LayerPart | None = None
-
-    def add(self, part: LayerPart) -> None:
-        """Keep the deferred pass."""
-        self.part = part
-
-    def weighed(self, weigh: Weigh, exchange: Exchange | None, error: Failure) -> Updates:
-        """The updates of the engine's pass, weighed by ``weigh``."""
-        if error is not None or self.part is None:
-            raise error or RuntimeError("no layer-Gramian pass was collected")
-        return self.part.run(weigh.weights)
-
-
 def _of_the_mean(weights: Callable[[Tensor], Tensor], count: int) -> Callable[[Tensor], Tensor]:
     """``G ↦ Pᵀ W(P G Pᵀ)`` for ``P = (1/count) [I … I]``: the weights of the mean Jacobian, on
     the rows of the concatenation of ``count`` equal-sized parts."""
@@ -232,7 +214,7 @@ def new_parts(
     if route == "samples":
         return SampleParts(params, summed_only, mode)
     if route == "layers":
-        return LayerParts()
+        return LayerParts(params, summed_only)
     return JacobianParts(params, mode, [id(p) in summed_only for p in params])
 
 
