@@ -40,12 +40,14 @@ SCENARIOS = {
 
 def _model() -> nn.Module:
     torch.manual_seed(0)
-    # 7 and 3 output rows: uneven shards (4 + 3 and 2 + 1 rows) over two ranks.
-    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    # Uneven shards over two ranks (4 + 3 rows, 1 + 0: rank 1 holds an empty shard, 2 + 1).
+    return nn.Sequential(
+        nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 1), nn.Tanh(), nn.Linear(1, 3)
+    ).double()
 
 
 def _sharded(model: nn.Module, mesh) -> nn.Module:
-    for layer in (model[0], model[2]):
+    for layer in (model[0], model[2], model[4]):
         fsdp.fully_shard(layer, mesh=mesh)
     return fsdp.fully_shard(model, mesh=mesh)
 
@@ -164,8 +166,11 @@ def _resume(rank: int, mesh, folder: str) -> tuple[list[torch.Tensor], list[torc
     _train("upgrad_concat", model, opt, rank, WORLD, range(2, 4))
     continued = [p.to_local().clone() for p in model.parameters()]
 
-    torch.manual_seed(123)  # another initialisation: everything must come from the checkpoint
-    fresh = _sharded(nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double(), mesh)
+    fresh = _model()  # another initialisation: everything must come from the checkpoint
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.normal_()
+    fresh = _sharded(fresh, mesh)
     fresh_opt = _optimizer(fresh, "upgrad_concat")
     model_sd, optim_sd = get_state_dict(fresh, fresh_opt)
     state = {"model": model_sd, "optim": optim_sd}
@@ -258,14 +263,15 @@ def test_fsdp2_equals_one_process_on_the_global_batch(ranks, name):
 
 
 def test_fsdp2_sends_the_other_shards_rows_and_one_gramian(ranks):
-    # Shards: rank 0 holds rows 0-3 of Linear(5, 7) and 0-1 of Linear(7, 3): 4 * 6 + 2 * 8 = 40
-    # of the n = 66 parameters; rank 1 holds 26. Each rank sends its 4 local losses' rows on the
-    # other rank's columns, then the 8 x 8 Gramian and two flags (float64).
+    # n = 42 + 8 + 6 parameters. Rank 0 holds rows 0-3 of Linear(5, 7), the row of Linear(7, 1)
+    # and rows 0-1 of Linear(1, 3): 24 + 8 + 4 = 36; rank 1 holds 18 + 0 + 2 = 20. Each rank
+    # sends its 4 local losses' rows on the other rank's columns, then the 8 x 8 Gramian and two
+    # flags (float64).
     gramian = (8 * 8 + 1 + 1) * 8
-    assert _result(ranks, "upgrad_concat", 0)[1] == [4 * 26 * 8 + gramian] * STEPS
-    assert _result(ranks, "upgrad_concat", 1)[1] == [4 * 40 * 8 + gramian] * STEPS
+    assert _result(ranks, "upgrad_concat", 0)[1] == [4 * 20 * 8 + gramian] * STEPS
+    assert _result(ranks, "upgrad_concat", 1)[1] == [4 * 36 * 8 + gramian] * STEPS
     # "mean": 3 task losses, one m x n reduce-scatter in effect, a 3 x 3 Gramian.
-    assert _result(ranks, "upgrad_mean", 0)[1] == [3 * 26 * 8 + (9 + 2) * 8] * STEPS
+    assert _result(ranks, "upgrad_mean", 0)[1] == [3 * 20 * 8 + (9 + 2) * 8] * STEPS
 
 
 def test_fsdp2_a_bad_loss_on_one_rank_raises_on_every_rank(ranks):

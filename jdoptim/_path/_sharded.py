@@ -143,7 +143,7 @@ class ShardedParts:
             pieces = []
             for r in range(world):
                 count = rows[k][r] * shape.numel()
-                pieces.append(received[r][offsets[r] : offsets[r] + count].view(-1, *shape))
+                pieces.append(received[r][offsets[r] : offsets[r] + count].view(rows[k][r], *shape))
                 offsets[r] += count
             if self.mode == "mean":
                 out.append(total(pieces) / world)
