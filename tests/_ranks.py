@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import datetime
 import gc
+import importlib.util
 import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +41,33 @@ def _start(rank: int, worker: Callable[..., None], world: int, port: int, folder
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def run_torchrun(script: Path, world: int, deadline_s: float) -> str:
+    """Run ``torchrun --standalone --nproc_per_node=world script``; return its stdout.
+
+    Skips when torchrun is unavailable; fails (after killing it and its workers) past the
+    deadline or on a non-zero exit."""
+    if importlib.util.find_spec("torch.distributed.run") is None:
+        pytest.skip("torchrun (torch.distributed.run) is unavailable")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += [f"--nproc_per_node={world}", str(script)]
+    process = subprocess.Popen(
+        command,
+        cwd=script.parents[1],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group: killed with its workers on timeout
+    )
+    try:
+        out, err = process.communicate(timeout=deadline_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        pytest.fail(f"torchrun did not finish within {deadline_s} s")
+    assert process.returncode == 0, out + err
+    return out
 
 
 def run_ranks(

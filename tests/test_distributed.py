@@ -10,10 +10,6 @@ and the processes are killed if they outlive the join deadline.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import traceback
 from pathlib import Path
 
@@ -23,7 +19,7 @@ from torch import nn
 
 from jdoptim import JacobianOptimizer
 from jdoptim.aggregation import GramianWeightedAggregator, Random, UPGrad
-from tests._ranks import Collectives, run_ranks
+from tests._ranks import Collectives, run_ranks, run_torchrun
 from tests.test_optimizer_atomic import _CountingWeighting
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -255,23 +251,7 @@ def test_accumulation_exchanges_only_at_the_final_micro_batch(ranks):
 
 
 def test_the_example_runs_under_torchrun():
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += [f"--nproc_per_node={WORLD}", str(ROOT / "examples" / "ddp_train.py")]
-    process = subprocess.Popen(
-        command,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # its own process group: killed with its workers on timeout
-    )
-    try:
-        out, err = process.communicate(timeout=DEADLINE_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        pytest.fail(f"torchrun did not finish within {DEADLINE_S} s")
-    assert process.returncode == 0, out + err
+    out = run_torchrun(ROOT / "examples" / "ddp_train.py", WORLD, DEADLINE_S)
     assert "ranks hold identical parameters: True" in out, out
     # Per rank and step: 2 micro-batches of 8 samples; Linear(20, 64) and Linear(64, 1) send
     # their inputs and output gradients, float32.

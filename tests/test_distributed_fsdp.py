@@ -9,7 +9,9 @@ processes (see :mod:`tests._ranks`).
 from __future__ import annotations
 
 import os
+import re
 import traceback
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +20,7 @@ from torch import nn
 
 from jdoptim import JacobianOptimizer
 from jdoptim.aggregation import GradDrop, TrimmedMean, UPGrad
-from tests._ranks import Collectives, run_ranks
+from tests._ranks import Collectives, run_ranks, run_torchrun
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 pytest.importorskip("torch.distributed.checkpoint")
@@ -331,3 +333,17 @@ def test_a_process_outside_the_group_is_told_so(ranks):
 def test_process_group_must_be_a_group_or_a_1d_mesh():
     with pytest.raises(TypeError, match="process_group must be"):
         JacobianOptimizer(torch.optim.SGD(_model().parameters(), lr=0.1), process_group="world")
+
+
+def test_the_fsdp2_example_runs_under_torchrun_and_matches_one_process():
+    script = Path(__file__).resolve().parents[1] / "examples" / "distributed_fsdp.py"
+    out = run_torchrun(script, WORLD, DEADLINE_S)
+    gap = re.search(r"largest difference from one process on the global batch: (\S+)", out)
+    assert gap is not None and float(gap[1]) < 1e-12, out
+    # Rank 0 holds 32 rows of Linear(20, 64) and the row of Linear(64, 1): 672 + 65 = 737 of the
+    # n = 1409 parameters; it sends its 16 losses' rows on rank 1's 672 columns, the 32 x 32
+    # Gramian and two flags (float64).
+    sent = [line for line in out.splitlines() if line.startswith("step")]
+    assert sent and all(
+        line.endswith(f"bytes sent {16 * 672 * 8 + (32 * 32 + 2) * 8}") for line in sent
+    )
