@@ -96,14 +96,15 @@ class JacobianOptimizer(Optimizer):
         than one process) and of several micro-batches (``backward(..., accumulate=True)``)
         form one global loss vector. ``"mean"``: their mean (each rank estimates the same ``m``
         objectives, as DDP averages gradients); the Jacobian blocks are averaged with one
-        ``all_reduce``, and a Gramian engine falls back to the Jacobian path, since the mean
-        Jacobian's Gramian cannot be formed from local Gramians. ``"concat"``: their
-        concatenation, rank by rank (one loss per sample of the global batch); the Jacobian
-        rows are gathered, or with ``batch_dim=0`` only the per-layer inputs and output
-        gradients. ``None`` (default): ``"concat"`` with ``batch_dim=0``, ``"mean"`` otherwise.
-        Every rank then runs the same aggregation and writes the same ``.grad``; ``step`` and
-        ``backward`` return the local losses. After each exchange, ``cross_rank_bytes`` holds
-        the bytes this rank sent. See :doc:`/distributed`.
+        ``all_reduce``, or the Gramian engines gather the per-layer inputs and output gradients
+        and form the mean Jacobian's Gramian from them. ``"concat"``: their concatenation, rank
+        by rank (one loss per sample of the global batch); the Jacobian rows are gathered, or
+        with ``batch_dim=0`` only the per-layer inputs and output gradients (the layer-Gramian
+        engine falls back to the Jacobian path). ``None`` (default): ``"concat"`` with
+        ``batch_dim=0``, ``"mean"`` otherwise. Every rank then runs the same aggregation and
+        writes the same ``.grad``; ``step`` and ``backward`` return the local losses. After
+        each exchange, ``cross_rank_bytes`` holds the bytes this rank sent. See
+        :doc:`/distributed`.
     process_group:
         The ranks that exchange: a ``torch.distributed`` ``ProcessGroup`` (from ``new_group``) or
         a 1-D ``DeviceMesh``; ``None`` (default): every process. Each process must belong to its
