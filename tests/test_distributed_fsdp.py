@@ -206,6 +206,8 @@ def _process_groups(rank: int) -> dict[str, object]:
     opt = _optimizer(model, "upgrad_concat", process_group=singles[rank])
     sent = _train("upgrad_concat", model, opt, rank, WORLD)
     out["group_single"] = (_full(model), sent)
+    grid = init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("replicate", "shard"))
+    out["2d_mesh"] = _caught(lambda: _optimizer(_model(), "upgrad_concat", process_group=grid))
     out["not_a_member"] = _caught(
         lambda: _optimizer(_model(), "upgrad_concat", process_group=singles[1 - rank]).backward(
             _model()(torch.ones(2, 5, dtype=torch.float64)).sum(dim=1)
@@ -328,6 +330,12 @@ def test_a_process_outside_the_group_is_told_so(ranks):
     for rank in range(WORLD):
         kind, message = _result(ranks, "groups", rank)["not_a_member"]
         assert kind == "ValueError" and "not a member" in message
+
+
+def test_a_2d_mesh_as_process_group_is_refused_naming_its_shape(ranks):
+    for rank in range(WORLD):
+        kind, message = _result(ranks, "groups", rank)["2d_mesh"]
+        assert kind == "ValueError" and "1-D DeviceMesh" in message and "(1, 2)" in message
 
 
 def test_process_group_must_be_a_group_or_a_1d_mesh():
