@@ -154,6 +154,20 @@ def _edge_cases(rank: int, mesh) -> dict[str, object]:
     return out
 
 
+def _scaled(rank: int, mesh) -> list[torch.Tensor]:
+    """The two-phase GradScaler loop: ``backward(scaler.scale(losses))``, ``scaler.step``."""
+    model = _sharded(_model(), mesh)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    opt = _optimizer(model, "upgrad_concat", grad_scaler=scaler)
+    for step in range(STEPS):
+        x, y = (t.chunk(WORLD)[rank] for t in _data(step))
+        opt.zero_grad()
+        opt.backward(scaler.scale(_losses(model, "sample", x, y)))
+        scaler.step(opt)
+        scaler.update()
+    return _full(model)
+
+
 def _resume(rank: int, mesh, folder: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Train 2 steps, checkpoint with DCP, train 2 more; and resume a fresh model from the
     checkpoint for the same 2 steps. Returns this rank's shards of both runs."""
@@ -231,6 +245,7 @@ def _worker(rank: int, world: int, folder: str) -> dict[str, object]:
     for key, run in (
         ("edge_cases", lambda: _edge_cases(rank, mesh)),
         ("resume", lambda: _resume(rank, mesh, folder)),
+        ("scaled", lambda: _scaled(rank, mesh)),
         ("groups", lambda: _process_groups(rank)),
     ):
         try:
@@ -299,6 +314,13 @@ def test_fsdp2_on_a_2d_mesh_hsdp_raises(ranks):
     for rank in range(WORLD):
         kind, message = _result(ranks, "edge_cases", rank)["hsdp"]
         assert kind == "NotImplementedError" and "HSDP" in message
+
+
+def test_fsdp2_with_a_grad_scaler_equals_one_process_unscaled(ranks):
+    expected = _reference("upgrad_concat")
+    for rank in range(WORLD):
+        for p, e in zip(_result(ranks, "scaled", rank), expected, strict=True):
+            torch.testing.assert_close(p, e, rtol=1e-12, atol=1e-14)
 
 
 def test_fsdp2_resumes_from_a_dcp_checkpoint_bit_for_bit(ranks):
