@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
@@ -11,6 +11,7 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from jdoptim._aggregator_state import load_state_dict_into, state_dict_of
+from jdoptim._distributed import resolve_group
 from jdoptim._path import Setup, autocast_off
 from jdoptim._path._engines import gramian_engine_for, trainable
 from jdoptim._scalarized import check_scalarizer_options, path_for
@@ -24,6 +25,10 @@ from jdoptim.aggregation import UPGrad
 from jdoptim.diagnostics import StepRecord, StepRecordHooks
 from jdoptim.engine import JacobianEngine
 from jdoptim.scalarization import Scalarizer
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+    from torch.distributed.device_mesh import DeviceMesh
 
 __all__ = ["JacobianOptimizer"]
 
@@ -82,14 +87,20 @@ class JacobianOptimizer(Optimizer):
         than one process) and of several micro-batches (``backward(..., accumulate=True)``)
         form one global loss vector. ``"mean"``: their mean (each rank estimates the same ``m``
         objectives, as DDP averages gradients); the Jacobian blocks are averaged with one
-        ``all_reduce``, and a Gramian engine falls back to the Jacobian path, since the mean
-        Jacobian's Gramian cannot be formed from local Gramians. ``"concat"``: their
-        concatenation, rank by rank (one loss per sample of the global batch); the Jacobian
-        rows are gathered, or with ``batch_dim=0`` only the per-layer inputs and output
-        gradients. ``None`` (default): ``"concat"`` with ``batch_dim=0``, ``"mean"`` otherwise.
-        Every rank then runs the same aggregation and writes the same ``.grad``; ``step`` and
-        ``backward`` return the local losses. After each exchange, ``cross_rank_bytes`` holds
-        the bytes this rank sent. See :doc:`/distributed`.
+        ``all_reduce``, or the Gramian engines gather the per-layer inputs and output gradients
+        and form the mean Jacobian's Gramian from them. ``"concat"``: their concatenation, rank
+        by rank (one loss per sample of the global batch); the Jacobian rows are gathered, or
+        with ``batch_dim=0`` only the per-layer inputs and output gradients (the layer-Gramian
+        engine falls back to the Jacobian path). ``None`` (default): ``"concat"`` with
+        ``batch_dim=0``, ``"mean"`` otherwise. Every rank then runs the same aggregation and
+        writes the same ``.grad``; ``step`` and ``backward`` return the local losses. After
+        each exchange, ``cross_rank_bytes`` holds the bytes this rank sent. See
+        :doc:`/distributed`.
+    process_group:
+        The ranks that exchange: a ``torch.distributed`` ``ProcessGroup`` (from ``new_group``) or
+        a 1-D ``DeviceMesh``; ``None`` (default): every process. Each process must belong to its
+        optimizer's group. Under FSDP2 (``fully_shard``) the ranks of the parameters' mesh
+        exchange; a ``process_group`` given there must be that mesh's group.
     mixing_check_every:
         With ``batch_dim=0``: one more backward pass, of a random positive weighting of the
         losses, checks that they do not mix samples (batch-centred outputs, softmax or attention
@@ -152,6 +163,7 @@ class JacobianOptimizer(Optimizer):
         cross_rank: Literal["mean", "concat"] | None = None,
         mixing_check_every: int | None = 100,
         module: torch.nn.Module | None = None,
+        process_group: ProcessGroup | DeviceMesh | None = None,
     ) -> None:
         if isinstance(optimizer, JacobianOptimizer):
             raise TypeError("optimizer is already a JacobianOptimizer: do not wrap it twice")
@@ -169,6 +181,7 @@ class JacobianOptimizer(Optimizer):
             mixing_check_every,
             module,
         )
+        group = resolve_group(process_group)
         # Initialise like every Optimizer (hook dicts, patched step) without a second copy of
         # the parameter groups: those live in the wrapped optimizer.
         Optimizer.__setstate__(
@@ -190,6 +203,7 @@ class JacobianOptimizer(Optimizer):
                     module,
                 ),
                 "cross_rank": cross_rank,
+                "process_group": group,
                 **_fresh(aggregator),
             },
         )
@@ -216,6 +230,7 @@ class JacobianOptimizer(Optimizer):
             "engine": self.engine,
             "gramian_engine": self.gramian_engine,
             "cross_rank": self.cross_rank,
+            "process_group": self.process_group,
             **_fresh(self.aggregator),  # copies and pickles keep no micro-batches, no hooks
         }
 
@@ -358,6 +373,7 @@ class JacobianOptimizer(Optimizer):
             shared=self.shared_params,
             cross_rank=self.cross_rank,
             scaler=self.grad_scaler,
+            process_group=self.process_group,
         )
         records = self._step_record_hooks.watching(self, self._path, not accumulate, setup.scale)
         with autocast_off(), records:

@@ -90,6 +90,42 @@ def test_concat_mode_equals_the_big_batch_of_per_sample_losses(path):
     torch.testing.assert_close(_grads(model), expected, rtol=1e-7, atol=1e-9)
 
 
+def test_mean_mode_of_per_sample_losses_uses_the_per_sample_engine_exactly():
+    """Three micro-batches of 4 per-sample losses, averaged: loss i is the mean of the i-th
+    samples' losses. The per-sample engine forms the mean Jacobian's Gramian from the layer
+    pieces of the concatenation (``P G Pᵀ``); compared with UPGrad of jacrev's Jacobian."""
+    model = _mlp(4)
+    x, y = torch.randn(12, 5), torch.randn(12, 3)
+    opt = JacobianOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), UPGrad(), batch_dim=0, cross_rank="mean"
+    )
+    for i, (xs, ys) in enumerate(zip(x.split(4), y.split(4), strict=True)):
+        opt.backward(_sample_losses(xs, ys)(model), accumulate=i < 2)
+    assert opt._path.record.route == "samples" and opt._path.record.m == 4
+
+    def mean_of_samples(f):
+        return _sample_losses(x, y)(f).view(3, 4).mean(dim=0)
+
+    expected = upgrad_reference(_jacobian(model, mean_of_samples))
+    torch.testing.assert_close(_grads(model), expected, rtol=1e-7, atol=1e-9)
+    jacobian = _jacobian(model, mean_of_samples)
+    torch.testing.assert_close(opt._path.record.gramian, jacobian @ jacobian.T)
+
+
+def test_mean_mode_of_task_losses_uses_the_layer_gramian_engine_exactly():
+    """Three micro-batches of task losses through the layer-Gramian engine (``path="gramian"``):
+    the mean Jacobian's Gramian comes from the concatenated layer inputs and output gradients."""
+    model = _mlp(5)
+    x, y = torch.randn(12, 5), torch.randn(12, 3)
+    opt = JacobianOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), UPGrad(), path="gramian")
+    for i, (xs, ys) in enumerate(zip(x.split(4), y.split(4), strict=True)):
+        opt.backward(_task_losses(xs, ys)(model), accumulate=i < 2)
+    assert opt._path.record.route == "layers"
+    jacobian = _jacobian(model, _task_losses(x, y))
+    torch.testing.assert_close(_grads(model), upgrad_reference(jacobian), rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(opt._path.record.gramian, jacobian @ jacobian.T)
+
+
 def test_concat_mode_when_the_layer_shapes_differ_between_micro_batches():
     """Sequences of length 2 then 3: no common closed form, the rows are materialised."""
     torch.manual_seed(2)

@@ -10,25 +10,16 @@ and the processes are killed if they outlive the join deadline.
 
 from __future__ import annotations
 
-import datetime
-import gc
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 import traceback
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from jdoptim import JacobianOptimizer
 from jdoptim.aggregation import GramianWeightedAggregator, Random, UPGrad
+from tests._ranks import Collectives, run_ranks, run_torchrun
 from tests.test_optimizer_atomic import _CountingWeighting
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,6 +51,13 @@ SCENARIOS = {
         1,
     ),
     "concat_ddp_static_graph": ("concat", "sample", {"static_graph": True}, False, 0, "auto", 1),
+    # Per-sample losses averaged over ranks (and micro-batches): loss i is the mean of the i-th
+    # samples' losses. The per-sample engine forms the mean Jacobian's Gramian from layer pieces.
+    "mean_per_sample_ddp": ("mean", "sample", True, False, 0, "auto", 1),
+    "mean_per_sample_shared_accumulate": ("mean", "sample", True, True, 0, "auto", 2),
+    # Task losses with the layer-Gramian engine: ranks send layer inputs and output gradients.
+    "mean_gramian_ddp": ("mean", "task", True, False, None, "gramian", 1),
+    "mean_shared_accumulate_ddp": ("mean", "task", True, True, None, "auto", 2),
 }
 
 
@@ -77,6 +75,10 @@ def _data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 def _train(name: str, rank: int, world: int) -> tuple[list[torch.Tensor], list[int]]:
     """Train the scenario on this rank's shard; return the parameters and the bytes per step."""
     cross_rank, kind, ddp, shared, batch_dim, path, micro = SCENARIOS[name]
+    groups = micro * WORLD  # the loss vectors that "mean" averages
+    mean_of_samples = world == 1 and cross_rank == "mean" and kind == "sample"
+    if mean_of_samples:  # the reference: those means, formed in one graph, Jacobian engine
+        batch_dim, path = None, "jacobian"
     micro = micro if world > 1 else 1  # the reference sees the global batch at once
     model = _model()
     options = ddp if isinstance(ddp, dict) else {}
@@ -93,6 +95,8 @@ def _train(name: str, rank: int, world: int) -> tuple[list[torch.Tensor], list[i
 
     def losses_of(x, y):
         squared = (net(x) - y) ** 2
+        if mean_of_samples:
+            return squared.sum(dim=1).view(groups, -1).mean(dim=0)
         return squared.mean(dim=0) if kind == "task" else squared.sum(dim=1)
 
     sent = []
@@ -109,32 +113,6 @@ def _train(name: str, rank: int, world: int) -> tuple[list[torch.Tensor], list[i
         opt.step(closure)
         sent.append(opt.cross_rank_bytes)
     return [p.detach().clone() for p in model.parameters()], sent
-
-
-class _Counter:
-    """Counts the collectives run through ``torch.distributed`` while it is installed."""
-
-    NAMES = ("all_gather", "all_gather_object", "all_reduce", "broadcast_object_list")
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self._saved = {n: getattr(dist, n) for n in self.NAMES}
-
-    def __enter__(self) -> _Counter:
-        for n, f in self._saved.items():
-            setattr(dist, n, self._counted(f))
-        return self
-
-    def _counted(self, f):
-        def wrapper(*args, **kwargs):
-            self.calls += 1
-            return f(*args, **kwargs)
-
-        return wrapper
-
-    def __exit__(self, *exc) -> None:
-        for n, f in self._saved.items():
-            setattr(dist, n, f)
 
 
 def _edge_cases(rank: int) -> dict[str, object]:
@@ -156,11 +134,11 @@ def _edge_cases(rank: int) -> dict[str, object]:
     except Exception as e:
         out["unequal"] = (type(e).__name__, str(e))
     opt = JacobianOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), batch_dim=0)
-    with _Counter() as counter:
+    with Collectives() as counter:
         opt.backward(model(x).sum(dim=1), accumulate=True)
-        out["collectives_while_accumulating"] = counter.calls
+        out["collectives_while_accumulating"] = len(counter.groups)
         opt.backward(model(x).sum(dim=1))
-        out["collectives_at_the_end"] = counter.calls
+        out["collectives_at_the_end"] = len(counter.groups)
     out["record_m"] = (opt._path.record.m, tuple(opt._path.record.gramian.shape))
     for name, batch_dim in (("atomic_samples", 0), ("atomic_mean", None)):
         out[name] = _failed_late(model, x, batch_dim)
@@ -193,54 +171,20 @@ def _failed_late(model: nn.Module, x: torch.Tensor, batch_dim: int | None) -> tu
     return ("no error",)
 
 
-def _worker(rank: int, world: int, port: int, folder: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
-    )
-    try:
-        results: dict[str, object] = {}
-        for name in SCENARIOS:
-            try:
-                results[name] = _train(name, rank, world)
-            except Exception:  # reported to the test as a traceback
-                results[name] = traceback.format_exc()
-        results["edge_cases"] = _edge_cases(rank)
-        torch.save(results, os.path.join(folder, f"rank{rank}.pt"))
-        gc.collect()  # free the DDP wrappers before their process group (see the example)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _worker(rank: int, world: int, folder: str) -> dict[str, object]:
+    results: dict[str, object] = {}
+    for name in SCENARIOS:
+        try:
+            results[name] = _train(name, rank, world)
+        except Exception:  # reported to the test as a traceback
+            results[name] = traceback.format_exc()
+    results["edge_cases"] = _edge_cases(rank)
+    return results
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict[str, object]]:
-    folder = tmp_path_factory.mktemp("ranks")
-    context = mp.start_processes(
-        _worker,
-        args=(WORLD, _free_port(), str(folder)),
-        nprocs=WORLD,
-        join=False,
-        start_method="spawn",
-    )
-    deadline = time.monotonic() + DEADLINE_S
-    try:
-        while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the {WORLD} processes did not finish within {DEADLINE_S} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-                process.join(5)
-    return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return run_ranks(_worker, WORLD, tmp_path_factory.mktemp("ranks"), DEADLINE_S)
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
@@ -266,6 +210,18 @@ def test_the_per_sample_engine_sends_layer_pieces_not_the_jacobian(ranks):
     assert sent == [4 * (36 + 21) * 8] * STEPS
     _, sent = ranks[0]["mean_ddp"]
     assert sent == [3 * (36 + 21) * 8] * STEPS  # one all_reduce of the 3 x n Jacobian
+    _, sent = ranks[0]["mean_per_sample_ddp"]
+    assert sent == [pieces] * STEPS  # "mean" sends the same layer pieces as "concat"
+
+
+def test_the_layer_gramian_engine_sends_layer_pieces_under_mean(ranks):
+    # 3 task losses, local batch 4. Linear(5, 6): input [4, 5], output gradients [3, 4, 6];
+    # Linear(6, 3): [4, 6] and [3, 4, 3]. The Jacobian would be 3 x 57 values.
+    _, sent = ranks[0]["mean_gramian_ddp"]
+    assert sent == [(4 * 5 + 3 * 4 * 6 + 4 * 6 + 3 * 4 * 3) * 8] * STEPS
+    # shared_params=Linear(5, 6): its pieces, and the summed gradient of the head (6 x 3 + 3).
+    _, sent = ranks[0]["mean_shared_ddp"]
+    assert sent == [(4 * 5 + 3 * 4 * 6 + 21) * 8] * STEPS
 
 
 def test_a_failure_on_one_rank_raises_on_every_rank(ranks):
@@ -295,23 +251,7 @@ def test_accumulation_exchanges_only_at_the_final_micro_batch(ranks):
 
 
 def test_the_example_runs_under_torchrun():
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += [f"--nproc_per_node={WORLD}", str(ROOT / "examples" / "ddp_train.py")]
-    process = subprocess.Popen(
-        command,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # its own process group: killed with its workers on timeout
-    )
-    try:
-        out, err = process.communicate(timeout=DEADLINE_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        pytest.fail(f"torchrun did not finish within {DEADLINE_S} s")
-    assert process.returncode == 0, out + err
+    out = run_torchrun(ROOT / "examples" / "ddp_train.py", WORLD, DEADLINE_S)
     assert "ranks hold identical parameters: True" in out, out
     # Per rank and step: 2 micro-batches of 8 samples; Linear(20, 64) and Linear(64, 1) send
     # their inputs and output gradients, float32.

@@ -22,6 +22,7 @@ LAYERS = {
     "jdoptim._path": 2,
     "jdoptim._scalarized": 2,
     "jdoptim._distributed": 3,
+    "jdoptim._fsdp": 3,
     "jdoptim._aggregator_state": 3,
     "jdoptim._validation": 3,
     "jdoptim.engine": 4,

@@ -26,8 +26,10 @@ import torch
 from torch import Tensor
 
 from jdoptim._distributed import current_exchange
+from jdoptim._fsdp import is_sharded, shard_group
 from jdoptim._path._collect import Setup, choose_route, collect
 from jdoptim._path._combine import Parts, new_parts
+from jdoptim._path._sharded import ShardedParts
 from jdoptim._path._weigh import StepRecord, Weigh
 from jdoptim._path._write import check_finite_updates, write, write_overflow
 from jdoptim._validation import NonFiniteError, as_loss_vector
@@ -53,7 +55,7 @@ class Path:
     """
 
     def __init__(self) -> None:
-        self.pending: Parts | None = None
+        self.pending: Parts | ShardedParts | None = None
         self.ranks_synced = False  # the aggregator state was given rank 0's
         self.bytes_sent = 0
         self.record: StepRecord | None = None
@@ -69,11 +71,16 @@ class Path:
         nothing, leaves the aggregator's state as it was and drops the kept parts.
         """
         params = list(params)
-        exchange = current_exchange()
+        sharded = is_sharded(params)  # FSDP2: exchange over the shards' mesh, by shards
+        group = shard_group(params, setup.process_group) if sharded else setup.process_group
+        exchange = current_exchange(group)
         pending, self.pending = self.pending, None
-        route = choose_route(setup, exchange is not None or accumulate or pending is not None)
+        combined = exchange is not None or accumulate or pending is not None
+        route = "sharded" if sharded else choose_route(setup, combined)
         summed_only = _summed_only(params, setup.shared)
-        if pending is None:
+        if pending is None and sharded:
+            pending = ShardedParts(params, setup.cross_rank, summed_only, setup.aggregator)
+        elif pending is None:
             pending = new_parts(route, setup.cross_rank, params, summed_only)
         elif pending.route != route:
             raise RuntimeError("the aggregator or the parameters changed during accumulation")
@@ -85,11 +92,17 @@ class Path:
             with torch.enable_grad():
                 # Under an enabled GradScaler, non-finite losses are an overflow: the scaler skips.
                 vector = as_loss_vector(losses, check_finite=scale is None)
-                pending.add(collect(route, vector, params, setup, summed_only, scale))
+                if not sharded:
+                    pending.add(collect(route, vector, params, setup, summed_only, scale))
         except Exception as e:
-            if exchange is None or accumulate:
+            if exchange is None or (accumulate and not sharded):
                 raise
             error = e  # raised on every rank by the exchange below
+        if sharded:  # FSDP2's backward all-gathers shards: every rank runs it, or none does
+            if exchange is not None:
+                exchange.agree(None, error)
+            with torch.enable_grad():
+                pending.add(collect(route, vector, params, setup, summed_only, scale))
         if accumulate:
             self.pending = pending
             return vector.detach()  # type: ignore[union-attr]

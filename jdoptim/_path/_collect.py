@@ -1,7 +1,7 @@
 """Collect: what one call's losses contribute to the global Jacobian, on this rank.
 
 This module is the only place where the path talks to the engines (it also runs the per-sample
-engine's combination of parts, :func:`combine_samples`). Three routes, chosen per call:
+engine's combination of parts, :func:`combine_samples`). Four routes, chosen per call:
 
 ``"jacobian"``
     The Jacobian engine's rows ``[m, *p.shape]`` per parameter (batched VJPs); the parameters
@@ -9,9 +9,13 @@ engine's combination of parts, :func:`combine_samples`). Three routes, chosen pe
 ``"samples"``
     The per-sample engine (``batch_dim=0``): recorded layer inputs and output gradients, the
     rows of the parameters without a closed form, the summed gradients (a ``SamplePart``).
+``"sharded"``
+    FSDP2: the Jacobian engine's full-width rows w.r.t. the unsharded parameters that the
+    forward used (:mod:`jdoptim._fsdp`); :mod:`jdoptim._path._sharded` combines them by shards.
 ``"layers"``
-    The layer-Gramian engine (``shared_params`` with a Gramian aggregator): its pass needs the
-    weights half-way, so its part is a deferred call that the weigh stage completes.
+    The layer-Gramian engine (``shared_params`` with a Gramian aggregator): the inputs and
+    output gradients of the exact ``nn.Linear`` calls and the rows of the other parameters (a
+    ``LayerPieces``); :mod:`jdoptim._path._layers` averages them over micro-batches and ranks.
 
 Every part is already divided by the ``GradScaler``'s scale, so that the stages after this one
 work at the fp32 level.
@@ -26,12 +30,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from jdoptim._fsdp import unsharded
 from jdoptim._validation import check_dense_gradients
 from jdoptim.aggregation import GramianWeightedAggregator
 from jdoptim.engine import JacobianEngine, PerSampleEngine
 from jdoptim.engine._per_sample import SamplePart, combine_parts
 
-Route = Literal["jacobian", "samples", "layers"]
+Route = Literal["jacobian", "samples", "layers", "sharded"]
 Mode = Literal["mean", "concat"]
 
 
@@ -45,6 +50,7 @@ class Setup:
     shared: list[Tensor] | None
     cross_rank: Mode
     scaler: torch.amp.GradScaler | None
+    process_group: Any = None  # the ProcessGroup of the collectives (None: the default group)
 
     def scale(self) -> float | None:
         """The scale of an enabled ``GradScaler``; ``None`` without one (one host read)."""
@@ -56,15 +62,16 @@ def choose_route(setup: Setup, combined: bool) -> Route:
     """The route of a call; ``combined``: several micro-batches or ranks meet in this step.
 
     A Gramian engine serves only an aggregator that needs only the Gramian. The per-sample
-    engine's pieces combine by concatenation only (the Gramian of a mean of Jacobians is not a
-    sum of Gramians); the layer-Gramian engine's pass does not combine at all.
+    engine's pieces combine in both modes (under ``"mean"`` through the Gramian of the
+    concatenation: see :class:`~jdoptim._path._combine.SampleParts`), the layer-Gramian
+    engine's pieces under ``"mean"`` only (:mod:`jdoptim._path._layers`).
     """
     engine = setup.gramian_engine
     if engine is None or not isinstance(setup.aggregator, GramianWeightedAggregator):
         return "jacobian"
     if isinstance(engine, PerSampleEngine):
-        return "samples" if not combined or setup.cross_rank == "concat" else "jacobian"
-    return "jacobian" if combined else "layers"
+        return "samples"
+    return "jacobian" if combined and setup.cross_rank == "concat" else "layers"
 
 
 @dataclass
@@ -73,13 +80,6 @@ class JacobianPart:
 
     m: int
     blocks: list[Tensor | None]
-
-
-@dataclass
-class LayerPart:
-    """The layer-Gramian engine's pass, run once the weigh stage gives it the weights."""
-
-    run: Callable[[Callable[[Tensor], Tensor]], list[Tensor | None]]
 
 
 def collect(
@@ -91,19 +91,16 @@ def collect(
     scale: float | None,
 ) -> Any:
     """Differentiate ``losses`` along ``route``: a ``JacobianPart``, ``SamplePart`` or
-    ``LayerPart``, divided by ``scale``."""
+    ``LayerPieces``, divided by ``scale``."""
     engine = setup.gramian_engine
     unscale = 1.0 if scale is None else scale
     if route == "samples":
         return engine.collect(losses, params, summed_only=summed_only, unscale=unscale)
-    check_dense_gradients(losses, params)
+    inputs = unsharded(params) if route == "sharded" else params  # FSDP2: the graph's leaves
+    check_dense_gradients(losses, inputs)
     if route == "layers":
-        return LayerPart(
-            lambda weights: engine.gramian_step(
-                losses, params, weights, summed_only=summed_only, unscale=unscale
-            )[0]
-        )
-    blocks = setup.engine.jacobians(losses, params)
+        return engine.pieces(losses, params, summed_only=summed_only, unscale=unscale)
+    blocks = setup.engine.jacobians(losses, inputs)
     for k, (p, j) in enumerate(zip(params, blocks, strict=True)):
         if j is not None:
             j = j.sum(dim=0, keepdim=True) if id(p) in summed_only else j

@@ -10,14 +10,15 @@ the exchange, so that no rank waits in a collective.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from jdoptim._distributed import Exchange
-from jdoptim._path._collect import JacobianPart, LayerPart, Mode, Route, combine_samples
+from jdoptim._path._collect import JacobianPart, Mode, Route, combine_samples
+from jdoptim._path._layers import LayerParts
 from jdoptim._path._weigh import Weigh
 from jdoptim.engine._reduce import total
 
@@ -80,22 +81,12 @@ class JacobianParts:
         if exchange is None and error is not None:
             raise error
         params = self.params
-        blocks = self._local() if error is None else []
-        m = sum(self._m) if self.mode == "concat" else (self._m[0] if self._m else 0)
+        blocks, ms, wanted = self.agreed(exchange, error)
         if exchange is None:
             return blocks
-        reached = tuple(b is not None for b in blocks)
-        signatures = exchange.agree((m, reached), error)
-        ms = [sig[0] for sig in signatures]
-        if self.mode == "mean" and len(set(ms)) != 1:
-            raise ValueError(
-                f"cross_rank='mean' averages loss vectors of the same length on every rank, got "
-                f"{ms} losses on ranks 0..{len(ms) - 1} (use cross_rank='concat' for per-sample "
-                "losses)"
-            )
-        wanted = [any(sig[1][k] for sig in signatures) for k in range(len(params))]
+        m = ms[exchange.rank]
         rows = [1 if self.summed[k] else m for k in range(len(params))]
-        sent = [_filled(blocks[k], rows[k], params[k]) for k in range(len(params)) if wanted[k]]
+        sent = [filled(blocks[k], rows[k], params[k]) for k in range(len(params)) if wanted[k]]
         if self.mode == "mean":
             received = iter(exchange.mean(sent))
             return [next(received) if w else None for w in wanted]
@@ -111,6 +102,26 @@ class JacobianParts:
             out.append(total(pieces) if self.summed[k] else torch.cat(pieces))
         return out
 
+    def agreed(
+        self, exchange: Exchange | None, error: Failure
+    ) -> tuple[list[Tensor | None], list[int], list[bool]]:
+        """This rank's combined blocks, every rank's number of losses, and per parameter
+        whether some rank's losses reach it (one small exchange; ``error`` raised on every
+        rank)."""
+        blocks = self._local() if error is None else []
+        m = sum(self._m) if self.mode == "concat" else (self._m[0] if self._m else 0)
+        if exchange is None:
+            return blocks, [m], [b is not None for b in blocks]
+        signatures = exchange.agree((m, tuple(b is not None for b in blocks)), error)
+        ms = [sig[0] for sig in signatures]
+        if self.mode == "mean" and len(set(ms)) != 1:
+            raise ValueError(
+                f"cross_rank='mean' averages loss vectors of the same length on every rank, got "
+                f"{ms} losses on ranks 0..{len(ms) - 1} (use cross_rank='concat' for per-sample "
+                "losses)"
+            )
+        return blocks, ms, [any(sig[1][k] for sig in signatures) for k in range(len(self.params))]
+
     def _local(self) -> list[Tensor | None]:
         if self.count == 1:  # the plain step: nothing to combine, nothing copied
             return self._parts[0]
@@ -125,19 +136,28 @@ class JacobianParts:
                 out.append(total([b for b in column if b is not None]))
             else:
                 out.append(
-                    torch.cat([_filled(b, m, p) for b, m in zip(column, self._m, strict=True)])
+                    torch.cat([filled(b, m, p) for b, m in zip(column, self._m, strict=True)])
                 )
         return out
 
 
 class SampleParts:
-    """The per-sample engine's parts of micro-batches, concatenated (then over ranks)."""
+    """The per-sample engine's parts of micro-batches, concatenated (then over ranks).
+
+    Under ``"mean"`` the global Jacobian is ``J̄ = P J`` with ``J`` the concatenated rows of the
+    ``c`` parts (micro-batches and ranks, ``m`` losses each) and ``P = (1/c) [I_m … I_m]``: its
+    Gramian is ``P G Pᵀ`` (the mean of the ``c × c`` blocks of ``G``, times ``1/c``) and its
+    update ``J̄ᵀ w = Jᵀ (Pᵀ w)``. So the engine forms the Gramian of the concatenation from the
+    same layer pieces as under ``"concat"`` (no ``m × n`` Jacobian crosses ranks), and the weights
+    of ``P G Pᵀ`` are spread back over the parts.
+    """
 
     route: Route = "samples"
 
-    def __init__(self, params: Sequence[Tensor], summed_only: frozenset[int]) -> None:
+    def __init__(self, params: Sequence[Tensor], summed_only: frozenset[int], mode: Mode) -> None:
         self.params = list(params)
         self.summed_only = summed_only
+        self.mode = mode
         self.parts: list[Any] = []  # the engine's SamplePart objects
 
     def add(self, part: Any) -> None:
@@ -153,28 +173,35 @@ class SampleParts:
             gather = exchange.gather
         elif error is not None:
             raise error
-        return combine_samples(
-            self.parts, self.params, weigh.weights, self.summed_only, gather, signatures
+        weights, count = weigh.weights, 1
+        if self.mode == "mean":
+            ms = [sig[0] for rank in signatures or [[(p.m,) for p in self.parts]] for sig in rank]
+            if len(set(ms)) != 1:
+                raise ValueError(
+                    f"cross_rank='mean' averages loss vectors of the same length, got {ms} losses "
+                    "in the micro-batches of ranks 0.. (use cross_rank='concat' for per-sample "
+                    "losses)"
+                )
+            weights, count = _of_the_mean(weigh.weights, len(ms)), len(ms)
+        updates = combine_samples(
+            self.parts, self.params, weights, self.summed_only, gather, signatures
         )
+        summed = [id(p) in self.summed_only for p in self.params]
+        return [
+            u / count if u is not None and s else u for u, s in zip(updates, summed, strict=True)
+        ]
 
 
-class LayerParts:
-    """The layer-Gramian engine's single part: one micro-batch on one rank."""
+def _of_the_mean(weights: Callable[[Tensor], Tensor], count: int) -> Callable[[Tensor], Tensor]:
+    """``G ↦ Pᵀ W(P G Pᵀ)`` for ``P = (1/count) [I … I]``: the weights of the mean Jacobian, on
+    the rows of the concatenation of ``count`` equal-sized parts."""
 
-    route: Route = "layers"
+    def of_concatenated(gramian: Tensor) -> Tensor:
+        m = gramian.shape[0] // count
+        mean = gramian.view(count, m, count, m).sum(dim=(0, 2)) / count**2
+        return (weights(mean) / count).repeat(count)
 
-    def __init__(self) -> None:
-        self.part: LayerPart | None = None
-
-    def add(self, part: LayerPart) -> None:
-        """Keep the deferred pass."""
-        self.part = part
-
-    def weighed(self, weigh: Weigh, exchange: Exchange | None, error: Failure) -> Updates:
-        """The updates of the engine's pass, weighed by ``weigh``."""
-        if error is not None or self.part is None:
-            raise error or RuntimeError("no layer-Gramian pass was collected")
-        return self.part.run(weigh.weights)
+    return of_concatenated
 
 
 Parts = JacobianParts | SampleParts | LayerParts
@@ -185,12 +212,12 @@ def new_parts(
 ) -> Parts:
     """An empty container for the parts of ``route``."""
     if route == "samples":
-        return SampleParts(params, summed_only)
+        return SampleParts(params, summed_only, mode)
     if route == "layers":
-        return LayerParts()
+        return LayerParts(params, summed_only)
     return JacobianParts(params, mode, [id(p) in summed_only for p in params])
 
 
-def _filled(block: Tensor | None, rows: int, param: Tensor) -> Tensor:
+def filled(block: Tensor | None, rows: int, param: Tensor) -> Tensor:
     """``block``, or zeros of its shape when this part does not reach the parameter."""
     return param.new_zeros((rows, *param.shape)) if block is None else block

@@ -7,12 +7,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from jdoptim._fsdp import local
 from jdoptim._validation import NonFiniteError, all_finite
 
 
 def check_finite_updates(params: Sequence[Tensor], updates: Sequence[Tensor | None]) -> None:
     """Raise a :class:`NonFiniteError` naming the first update that holds NaN or inf."""
-    reached = [(k, u) for k, u in enumerate(updates) if u is not None]
+    reached = [(k, local(u)) for k, u in enumerate(updates) if u is not None]  # FSDP2: shards
     if all_finite([u for _, u in reached]):
         return
     k = next(k for k, u in reached if not bool(torch.isfinite(u).all()))

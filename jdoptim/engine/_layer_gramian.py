@@ -29,6 +29,7 @@ dtype (float32 at least), and each update is written in its parameter's dtype.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -57,10 +58,10 @@ class _LinearCall:
 
     __slots__ = ("exps_a", "exps_g", "grads", "input", "module")
 
-    def __init__(self, record: Record, grads: Tensor) -> None:
-        self.module = record.module
+    def __init__(self, module: nn.Module, input: Tensor, grads: Tensor) -> None:
+        self.module = module
         dtype = compute_dtype(self.module.weight.dtype)
-        a = record.input.reshape(1, -1, record.input.shape[-1]).to(dtype)  # [1, N, d]
+        a = input.reshape(1, -1, input.shape[-1]).to(dtype)  # [1, N, d]
         g = grads.reshape(grads.shape[0], -1, grads.shape[-1]).to(dtype)  # [m, N, o]
         self.exps_a, self.exps_g = exponents([a]), exponents([g])
         self.input = scale_rows(a, self.exps_a)[0]
@@ -165,45 +166,40 @@ class LayerGramianEngine:
         gradient of ``losses.sum()``; ``None`` marks a parameter that no loss reaches; gradients
         are divided by ``unscale`` first.
         """
+        pieces = self.pieces(losses, params, summed_only=summed_only, unscale=unscale)
+        return layer_step(pieces, params, weights_from_gramian, summed_only)
+
+    def pieces(
+        self,
+        losses: Tensor,
+        params: Sequence[Tensor],
+        *,
+        summed_only: frozenset[int] = frozenset(),
+        unscale: float = 1.0,
+    ) -> LayerPieces:
+        """The batched backward pass of :meth:`gramian_step`, before any Gramian is formed."""
         records = self._exact_calls(losses, params, summed_only)
         covered = {id(p) for _, r in records for p in r.module.parameters(recurse=False)}
-        others = [p for p in params if id(p) not in covered]
+        others = [k for k, p in enumerate(params) if id(p) not in covered]
         edges = [GradientEdge(node, r.output_nr) for node, r in records]
         grads = self._fallback.vjps(
             [losses],
             [torch.eye(losses.shape[0], dtype=losses.dtype, device=losses.device)],
-            edges + others,
+            edges + [params[k] for k in others],
         )
         calls = [
-            _LinearCall(r, g if unscale == 1.0 else g / unscale)
+            (r.module, r.input, g if unscale == 1.0 else g / unscale)
             for (_, r), g in zip(records, grads, strict=False)
             if g is not None
         ]
         rows = {
-            id(p): (j if unscale == 1.0 else j / unscale)
-            for p, j in zip(others, grads[len(records) :], strict=True)
+            k: (j if unscale == 1.0 else j / unscale)
+            for k, j in zip(others, grads[len(records) :], strict=True)
             if j is not None
         }
         if not calls and not rows:
             raise ValueError("the losses do not depend on any parameter of the wrapped optimizer")
-        with torch.no_grad():
-            scaled = {i: ScaledRows(j) for i, j in rows.items() if i not in summed_only}
-            blocks = [c.gramian() for c in calls] + [r.gramian() for r in scaled.values()]
-            if not blocks:  # only parameters in summed_only are reached
-                raise ValueError("the losses do not depend on any of the shared_params")
-            gram = total(blocks)
-            if not bool(torch.isfinite(gram).all()):
-                raise NonFiniteGramianError("the gradients hold NaN or inf")
-            weights = weights_from_gramian(gram).to(torch.float64)
-            updates: dict[int, Tensor] = {}
-            for call in calls:
-                updates.update(call.updates(weights))
-            for i, j in rows.items():
-                updates[i] = j.sum(dim=0) if i in summed_only else scaled[i].combine(weights)
-        return [
-            None if updates.get(id(p)) is None else updates[id(p)].view_as(p).to(p.dtype)
-            for p in params
-        ], gram
+        return LayerPieces(losses.shape[0], calls, rows)
 
     def _exact_calls(
         self, losses: Tensor, params: Sequence[Tensor], summed_only: frozenset[int]
@@ -221,3 +217,53 @@ class LayerGramianEngine:
             if len(calls) == 1 and all(id(p) in wanted and walk.uses.get(id(p)) == 1 for p in own):
                 exact.append(calls[0])
         return exact
+
+
+@dataclass
+class LayerPieces:
+    """What the layer-Gramian engine's backward pass leaves for the Gramian step.
+
+    Attributes
+    ----------
+    m:
+        The number of losses.
+    calls:
+        Per exact ``nn.Linear`` call: the module, its input ``[..., d]`` and the ``m`` output
+        gradients ``[m, ..., o]`` (already divided by the scale).
+    rows:
+        Jacobian rows ``[m, *p.shape]`` of the other reached parameters, by parameter index.
+    """
+
+    m: int
+    calls: list[tuple[nn.Module, Tensor, Tensor]]
+    rows: dict[int, Tensor]
+
+
+def layer_step(
+    pieces: LayerPieces,
+    params: Sequence[Tensor],
+    weights_from_gramian: Callable[[Tensor], Tensor],
+    summed_only: frozenset[int] = frozenset(),
+) -> tuple[list[Tensor | None], Tensor]:
+    """The Gramian, weights and updates of :meth:`LayerGramianEngine.gramian_step` from its
+    ``pieces``."""
+    with torch.no_grad():
+        calls = [_LinearCall(module, a, g) for module, a, g in pieces.calls]
+        rows = {id(params[k]): j for k, j in pieces.rows.items()}
+        scaled = {i: ScaledRows(j) for i, j in rows.items() if i not in summed_only}
+        blocks = [c.gramian() for c in calls] + [r.gramian() for r in scaled.values()]
+        if not blocks:  # only parameters in summed_only are reached
+            raise ValueError("the losses do not depend on any of the shared_params")
+        gram = total(blocks)
+        if not bool(torch.isfinite(gram).all()):
+            raise NonFiniteGramianError("the gradients hold NaN or inf")
+        weights = weights_from_gramian(gram).to(torch.float64)
+        updates: dict[int, Tensor] = {}
+        for call in calls:
+            updates.update(call.updates(weights))
+        for i, j in rows.items():
+            updates[i] = j.sum(dim=0) if i in summed_only else scaled[i].combine(weights)
+    return [
+        None if updates.get(id(p)) is None else updates[id(p)].view_as(p).to(p.dtype)
+        for p in params
+    ], gram
