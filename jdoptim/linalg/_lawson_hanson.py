@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from jdoptim.linalg._blocks import _TAU
+from jdoptim.linalg._blocks import _TAU, _cholesky_solve
 
 
 def _sign_tolerance(lam: Tensor, y: Tensor) -> Tensor:
@@ -54,8 +54,8 @@ def _face_solve(g: Tensor, rhs: Tensor, select: Tensor, floor: float) -> tuple[T
     eye = torch.eye(size, dtype=g.dtype, device=g.device)
     factor = torch.where(regular.view(-1, 1, 1), factor, eye)
     b = torch.nn.functional.pad(rhs, (0, 1)).gather(1, padded).unsqueeze(2)
-    x = torch.cholesky_solve(b, factor)
-    x = x + torch.cholesky_solve(b - block @ x, factor)  # one refinement
+    x = _cholesky_solve(factor, b)
+    x = x + _cholesky_solve(factor, b - block @ x)  # one refinement
     out = torch.zeros_like(rhs).scatter(1, order, x.squeeze(2) * valid)
     return out, regular
 
