@@ -102,11 +102,8 @@ def _in_gramian_range(matrix: Tensor, weighting: Weighting) -> Tensor:
     """
     if matrix.dtype != torch.float64 or matrix.numel() == 0:
         return matrix
-    largest = matrix.abs().amax()
-    if not bool(largest > 0) or not _scale_free(weighting):
-        return matrix
-    exponent = int(torch.frexp(largest).exponent)
-    if abs(exponent) <= _SAFE_EXPONENT:
+    exponent = int(torch.frexp(matrix.abs().amax()).exponent)  # 0 for a zero matrix
+    if abs(exponent) <= _SAFE_EXPONENT or not _scale_free(weighting):
         return matrix
     half = exponent // 2  # two factors: 2^-exponent alone may not be representable
     return matrix * 2.0**-half * 2.0 ** (half - exponent)
