@@ -7,7 +7,12 @@ Gramians of the per-sample Jacobians of ``tests/_realdata.py`` (digits MLP, earl
 training; m = B = 16…256, plus a B = 1024 capture made here); random ones are ``J Jᵀ`` for
 ``J ~ N(0, 1)`` of shape ``[m, 1000]`` (float64). ``extra_info["fallbacks"]`` counts the problems
 the batched solver handed to quadprog during the timed calls (expected: 0). quadprog and the
-peer are timed for m <= 256 only (one-by-one QPs take seconds beyond).
+peer are timed for m <= 256 only (one-by-one QPs take seconds beyond). m = 1024 is marked
+``slow`` (deselect with ``-m "not slow"``).
+
+``test_rank_deficient_weights``: ``UPGradWeighting()(J Jᵀ)`` for ``J ~ N(0, 1)`` of shape
+``[m, r]`` with ``r << m`` (64 x 32, 128 x 8, 256 x 8, 1024 x 16, float64): singular Gramians,
+where the solver runs Lawson & Hanson (projected Newton before: 36 s at 256 x 8).
 
 Run from the repository root (``tests`` must be importable)::
 
@@ -32,6 +37,7 @@ from jdoptim.aggregation import UPGradWeighting
 from jdoptim.linalg import project_weights_quadprog
 
 SIZES = (16, 64, 128, 256, 1024)
+RANK_DEFICIENT = ((64, 32), (128, 8), (256, 8), (1024, 16))
 KINDS = ("random", "early", "late")
 SOLVERS = ("jdoptim", "quadprog", "torchjd")
 
@@ -54,8 +60,22 @@ def _gramian(kind: str, m: int) -> torch.Tensor:
     return _captures()[f"digits-mlp-{kind}-B{m}"]
 
 
+def _counted_fallbacks(monkeypatch) -> list[int]:
+    """Count the problems ``project_weights`` hands to quadprog (expected: none)."""
+    fallbacks: list[int] = []
+
+    def counted(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        fallbacks.append(u.shape[0])
+        return project_weights_quadprog(g, u)
+
+    monkeypatch.setattr(active_set, "project_weights_quadprog", counted)
+    return fallbacks
+
+
 @pytest.mark.parametrize("solver", SOLVERS)
-@pytest.mark.parametrize("m", SIZES)
+@pytest.mark.parametrize(
+    "m", [pytest.param(m, marks=pytest.mark.slow) if m >= 1024 else m for m in SIZES]
+)
 @pytest.mark.parametrize("kind", KINDS)
 def test_upgrad_weights(benchmark, monkeypatch, kind: str, m: int, solver: str):
     gramian = _gramian(kind, m)
@@ -64,13 +84,7 @@ def test_upgrad_weights(benchmark, monkeypatch, kind: str, m: int, solver: str):
     if solver != "jdoptim" and m > 256:
         pytest.skip("one-by-one QPs: seconds per call beyond m = 256")
     if solver == "jdoptim":
-        fallbacks = []
-
-        def counted(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-            fallbacks.append(u.shape[0])
-            return project_weights_quadprog(g, u)
-
-        monkeypatch.setattr(active_set, "project_weights_quadprog", counted)
+        fallbacks = _counted_fallbacks(monkeypatch)
         weigh = functools.partial(UPGradWeighting(), gramian)
     elif solver == "quadprog":
         targets = torch.eye(m, dtype=gramian.dtype)
@@ -89,6 +103,26 @@ def test_upgrad_weights(benchmark, monkeypatch, kind: str, m: int, solver: str):
         benchmark.extra_info["fallbacks"] = sum(fallbacks)
 
 
+@pytest.mark.parametrize(
+    ("m", "rank"),
+    [
+        pytest.param(*shape, marks=pytest.mark.slow) if shape[0] >= 1024 else shape
+        for shape in RANK_DEFICIENT
+    ],
+)
+def test_rank_deficient_weights(benchmark, monkeypatch, m: int, rank: int):
+    j = torch.randn(m, rank, generator=torch.Generator().manual_seed(m), dtype=torch.float64)
+    gramian = j @ j.T
+    benchmark.group = f"UPGrad weights, rank {rank}, m={m}"
+    benchmark.extra_info.update({"kind": f"rank {rank}", "m": m, "solver": "jdoptim"})
+    fallbacks = _counted_fallbacks(monkeypatch)
+    weigh = functools.partial(UPGradWeighting(), gramian)
+    weigh()  # warm-up
+    fallbacks.clear()
+    benchmark.pedantic(weigh, rounds=1 if m >= 1024 else 3, iterations=1)
+    benchmark.extra_info["fallbacks"] = sum(fallbacks)
+
+
 def table(path: str) -> str:
     """Markdown: one row per (kind, m), median ms per solver and the fallback count."""
     with open(path) as f:
@@ -104,9 +138,11 @@ def table(path: str) -> str:
         "| Gramian | m | jdoptim (ms) | quadprog one-by-one (ms) | peer (ms) | fallbacks |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for kind in KINDS:
-        for m in SIZES:
-            row = cells.get((kind, m), {})
+    keys = [(kind, m) for kind in KINDS for m in SIZES]
+    keys += [(f"rank {r}", m) for m, r in RANK_DEFICIENT]
+    for kind, m in keys:
+        if (kind, m) in cells:
+            row = cells[(kind, m)]
             values = [row.get(s, "-") for s in (*SOLVERS, "fallbacks")]
             lines.append(f"| {kind} | {m} | " + " | ".join(values) + " |")
     return "\n".join(lines)

@@ -81,6 +81,34 @@ def gramian_of(matrix: Tensor) -> Tensor:
     return trim_gramian(gramian(matrix), torch.finfo(matrix.dtype).eps)
 
 
+_SAFE_EXPONENT = 450  # float64 entries within 2^±450: every product of two fits float64
+
+
+def _scale_free(weighting: Weighting) -> bool:
+    """Whether the claims table says the aggregator of ``weighting`` is positively homogeneous
+    and stateless: then ``Jᵀ W((sJ)(sJ)ᵀ) = Jᵀ W(J Jᵀ)`` for every ``s > 0``."""
+    from jdoptim.aggregation._claims import CLAIMS  # the table imports this module
+
+    return any(c.weighting is type(weighting) and c.homogeneous and c.stateless for c in CLAIMS)
+
+
+def _in_gramian_range(matrix: Tensor, weighting: Weighting) -> Tensor:
+    """``J`` divided by the power of two that brings its largest entry into ``[1/2, 1)``, when
+    ``J Jᵀ`` would overflow or underflow float64 (float64 entries beyond ``2^±450``, e.g. rows
+    near ``1e±154``) and the aggregator is homogeneous and stateless (its update is then the
+    same, weight for weight); otherwise ``J`` itself. Exact: only the exponents change.
+
+    A narrower dtype never needs it: its Gramian is formed in float64.
+    """
+    if matrix.dtype != torch.float64 or matrix.numel() == 0:
+        return matrix
+    exponent = int(torch.frexp(matrix.abs().amax()).exponent)  # 0 for a zero matrix
+    if abs(exponent) <= _SAFE_EXPONENT or not _scale_free(weighting):
+        return matrix
+    half = exponent // 2  # two factors: 2^-exponent alone may not be representable
+    return matrix * 2.0**-half * 2.0 ** (half - exponent)
+
+
 class Weighting(StateModule, ABC):
     """Maps a statistic of the Jacobian to a weight vector of shape ``[m]``.
 
@@ -154,7 +182,8 @@ class _GramianComposition(Weighting):
         self.__dict__["_gramian_weighting"] = gramian_weighting
 
     def forward(self, matrix: Tensor, /) -> Tensor:
-        return self._gramian_weighting(gramian_of(matrix)).to(matrix.dtype)
+        weighting = self._gramian_weighting
+        return weighting(gramian_of(_in_gramian_range(matrix, weighting))).to(matrix.dtype)
 
     def extra_repr(self) -> str:
         return repr(self._gramian_weighting)

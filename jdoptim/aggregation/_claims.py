@@ -405,7 +405,10 @@ CLAIMS: tuple[Claims, ...] = (
         ),
         non_conflicting=True,
         permutation_invariant=True,
-        conditions="scale-invariant for alpha = 1, A(sJ) = s^((1-alpha)/(1+alpha)) A(J)",
+        conditions="scale-invariant for alpha = 1, A(sJ) = s^((1-alpha)/(1+alpha)) A(J); "
+        "non-conflicting when 0 is not in the convex hull of the rows (the paper's utility "
+        "maximisation then has a solution, with g_i^T d = w_i^(-1/alpha) > 0; at a Pareto-"
+        "stationary J it has none, and the limit direction returned is exact only up to rounding)",
     ),
     Claims(
         "GradDrop",

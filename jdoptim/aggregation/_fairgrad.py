@@ -10,16 +10,19 @@ from torch import Tensor
 from jdoptim.aggregation._bases import GramianWeightedAggregator, Weighting, check_gramian
 from jdoptim.aggregation._hyper import Hyper, delegated
 
-# A row whose squared norm is below this many eps of the largest is numerically zero.
+# A row of a reduced problem whose squared norm is below this many eps of its own squared norm
+# in the original problem lies in the span of the blocking rows (numerically zero there).
 ZERO_ROW_RTOL = 100.0
-# Weights whose contribution ‖w_i g_i‖ exceeds this (in units where the rows are orthogonal
-# solutions of size 1) are growing along a null direction of Jᵀ: the problem has no solution.
+# Weights whose contribution w_i ‖g_i‖^{2/(1+p)} (1 when the rows are orthogonal; ‖w_i g_i‖ for
+# α = 1) exceeds this are growing along a null direction of Jᵀ: the problem has no solution.
 BLOW_UP = 1e4
 
 
 def _newton(g: Tensor, p: float, w: Tensor, iters: int, tol: float) -> tuple[Tensor, int, bool]:
     """Damped Newton on ``½ wᵀGw - Σ φ(w_i)`` in the relative variable; (w, iterations, blown)."""
-    norms = g.diagonal().sqrt()
+    # A row's contribution relative to its value for orthogonal rows (w_i = n_i^{-2/(1+p)}):
+    # scale-free, so that rows much shorter than the others are not taken for blocking ones.
+    norms = g.diagonal() ** (1.0 / (1.0 + p))
 
     def objective(v: Tensor) -> float:
         phi = v.log().sum() if p == 1.0 else (v ** (1.0 - p)).sum() / (1.0 - p)
@@ -84,7 +87,7 @@ def solve_fair_weights(
     start: Tensor | None,
     max_iters: int,
     eps: float,
-    floor: float = 0.0,
+    floor: Tensor | None = None,
 ) -> Tensor:
     r"""Solve ``(G w)_i = w_i^{-p}``, ``w > 0``, by damped Newton steps (float64, scale-free).
 
@@ -93,8 +96,12 @@ def solve_fair_weights(
     variable ``z`` (``w ← w ⊙ (1 + t z)``), whose Hessian ``diag(w) G diag(w) + p diag(w^{1-p})``
     is well conditioned, with backtracking on ``h`` so that ``w`` stays positive. ``G`` is divided
     by its largest diagonal entry ``γ`` and the weights multiplied back by ``γ^{-1/(1+p)}``, so the
-    iterates do not depend on the scale of ``G``. Rows with ``G_ii <= 100 eps · max_j G_jj``
-    (numerically zero; or ``<= floor``) get weight 0.
+    iterates do not depend on the scale of ``G``. Zero rows (``G_ii = 0``, or ``G_ii <= floor_i``)
+    get weight 0. A row however short is not zero: the relative Newton steps are invariant to
+    the scaling of the rows (``diag(w) G diag(w)`` is unchanged by ``G -> DGD``, ``w -> D⁻¹w``), so
+    a row ``10⁻⁸`` times shorter than the others keeps its equation, and ``g_iᵀd = w_i^{-p} > 0``.
+    (Before, rows with ``G_ii <= 100 eps · max_j G_jj`` were dropped: on rows spread over 12
+    decades the update then conflicted with the shortest ones, cosine down to -0.99.)
 
     When ``0`` is in the convex hull of the rows no solution exists: the weights of a *blocking*
     set ``B`` of rows (which combine positively to ``0``) grow without bound and ``d = Jᵀw`` tends
@@ -109,7 +116,7 @@ def solve_fair_weights(
     m = g.shape[0]
     weights = torch.zeros(m, dtype=torch.float64, device=g.device)
     scale = float(g.diagonal().max()) if m else 0.0
-    live = g.diagonal() > max(ZERO_ROW_RTOL * eps * scale, floor)
+    live = g.diagonal() > (0.0 if floor is None else floor)
     if scale <= 0.0 or not bool(live.any()):
         return weights
     g = _drop_rounding(g[live][:, live] / scale, eps)
@@ -118,14 +125,15 @@ def solve_fair_weights(
         w = start[live].to(torch.float64) * scale ** (1.0 / (1.0 + p))
     w, _, blown = _newton(g, p, w, max_iters, max(eps, 1e-13))
     if blown:
-        blocking = w * g.diagonal().sqrt() > BLOW_UP**0.5
+        blocking = w * g.diagonal() ** (1.0 / (1.0 + p)) > BLOW_UP**0.5
         free = ~blocking
         w = torch.zeros_like(w)
         if bool(free.any()):
             coupling = torch.linalg.pinv(g[blocking][:, blocking], hermitian=True)
             coupling = coupling @ g[blocking][:, free]
             reduced = g[free][:, free] - g[free][:, blocking] @ coupling
-            floor = ZERO_ROW_RTOL * eps  # zero relative to the rows of the original problem
+            # Zero relative to each row's own norm in the original problem.
+            floor = ZERO_ROW_RTOL * eps * g.diagonal()[free]
             w[free] = solve_fair_weights(reduced, p, None, max_iters, eps, floor)
             w[blocking] = -coupling @ w[free]
     weights[live] = w * scale ** (-1.0 / (1.0 + p))
@@ -197,7 +205,7 @@ class FairGrad(GramianWeightedAggregator):
 
     The published code solves this with ``scipy.optimize.least_squares``; here it is the minimiser
     of a strictly convex function, found natively by damped Newton steps in float64
-    (:func:`solve_fair_weights`). Rows that are numerically zero get weight 0; when no solution
+    (:func:`solve_fair_weights`). Zero rows get weight 0; when no solution
     exists (``0`` in the convex hull of the rows) the iterations stop before the weights blow up.
 
     Properties: non-conflicting at convergence (``J d = G w = w^{-1/α} > 0``), permutation

@@ -46,7 +46,7 @@ class Random(GramianWeightedAggregator):
     r"""A random convex combination of the rows: softmax weights of standard normal draws.
 
     *Reasonable Effectiveness of Random Weighting: A Litmus Test for Multi-Task Learning*, Lin, Ye,
-    Xu, Shi & Zhang, TMLR 2022 (https://arxiv.org/abs/2111.10603), random loss weighting (RLW)
+    Zhang & Tsang, TMLR 2022 (https://arxiv.org/abs/2111.10603), random loss weighting (RLW)
     with the normal distribution:
 
     .. math::

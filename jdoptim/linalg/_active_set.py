@@ -22,21 +22,22 @@ Gramians spreads over 1e-11…1e-86; scaled, their condition number is 12…5e8 
 **Well-conditioned** ``Ĝ`` (``diag(Ĝ⁻¹) <= 1e6``, every eigenvalue above about 1e-6): block
 principal pivoting (semismooth Newton on ``min(μ, λ) = 0``) moves every infeasible index to the
 other set and solves the face system ``Ĝ_FF y_F = -Ĝ_FZ û_Z`` of every problem with one batched
-Cholesky factorisation per iteration, started from the sets that a few projected-gradient steps
-add. Cycling is broken by Kim & Park's backup rule (after three exchanges without progress, only
-the last infeasible index moves: finite for positive definite matrices). When nearly every row is
-added (early in training) the equivalent fixed-set form on ``Ĝ⁻¹`` solves ``|Z| x |Z|`` systems
-instead of ``|F| x |F|`` ones; on CPU the systems are sorted by size and factorised in buckets.
+Cholesky factorisation per iteration, started from the rows that a few projected-gradient steps
+move off their bound and that still push against it. Cycling is broken by Kim & Park's backup
+rule (after three exchanges without progress, only the last infeasible index moves: finite for
+positive definite matrices). When nearly every row is added (early in training) the equivalent
+fixed-set form on ``Ĝ⁻¹`` solves ``|Z| x |Z|`` systems instead of ``|F| x |F|`` ones; on CPU the
+systems are sorted by size and factorised in buckets.
 
 **Nearly singular** ``Ĝ`` (duplicated rows, ``m > n``, stationary points): the multipliers are
-not unique, principal blocks are singular and pivoting can cycle for ever. Bertsekas' projected
-Newton method finds the active sets instead: rows within ``ε`` of their bound and pushed against
-it are held, the others take the Newton step of ``Ĝ_FF + δI`` (``δ = 1e-10``; a descent
-direction however singular ``Ĝ_FF`` is), the step ``max(y + αd, u)`` is the first of
-``α = 1, 1/8, …`` with Armijo's decrease. Pivoting then polishes from Newton's point, each face
-system solved as a proximal step ``(Ĝ_FF + δI) Δ = residual`` from the current point (iterated
-Tikhonov: exact in a step or two where ``Ĝ_FF`` is regular; in its null directions ``y`` stays
-where it is, which keeps the weights small: a few units on the stationary families).
+not unique, principal blocks are singular and pivoting can cycle for ever. Lawson & Hanson's
+active-set method (``_lawson_hanson``) finds the active sets instead: it adds one violated row at
+a time and keeps the rows of its passive set linearly independent, so its face systems are no
+larger than the rank of ``Ĝ`` (``m`` rows of rank ``r``: about ``r`` steps of ``k`` blocks of size
+``<= r``). Problems its point does not already certify are polished by pivoting from there, each
+face system solved as a proximal step ``(Ĝ_FF + δI) Δ = residual`` from the current point
+(``δ = 1e-10``; iterated Tikhonov: exact in a step or two where ``Ĝ_FF`` is regular; in its null
+directions ``y`` stays where it is, which keeps the weights small).
 
 **Certificate.** A problem is done when its point satisfies the KKT conditions of the
 *unregularised* problem: signs within ``tol = 1e-12 · ‖p‖ + 2r · eps · ‖y‖₁`` (``‖p‖ = √(yᵀĜy)``,
@@ -50,8 +51,8 @@ none did on the test inputs or the benchmarks (``benchmarks/test_solver.py`` cou
 
 **Host synchronisation.** On CPU each iteration reads the set sizes (to factorise compact
 blocks) and drops certified problems from the batch. Off CPU the pivoting blocks are ``[k, m, m]``
-(padded with the identity) and convergence is read every ``4`` iterations; projected Newton
-reads once per iteration.
+(padded with the identity) and convergence is read every ``4`` iterations; Lawson & Hanson reads
+the largest passive set once per step (its blocks are that large).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ from torch import Tensor
 from jdoptim.linalg._blocks import _TAU, _correction
 from jdoptim.linalg._dual_cone import project_weights_quadprog
 from jdoptim.linalg._gramian import jacobi_scaled
-from jdoptim.linalg._newton import _projected_newton
+from jdoptim.linalg._lawson_hanson import _lawson_hanson
 
 __all__ = ["project_weights"]
 
@@ -71,7 +72,6 @@ _FISTA_STEPS = 12  # Steps of the starting guess.
 _CHECK_EVERY = 4  # Off CPU, read convergence back every this many iterations.
 _DELTA = 1e-10  # Proximal shift of the factorised blocks (the scaled Gramian has a unit diagonal).
 _CONDITION = 1e-4  # Block pivoting alone while diag(G⁻¹) · _DELTA stays below this.
-_NEWTON_ITER = 100  # Projected Newton steps (nearly singular G) before pivoting polishes.
 
 
 def _reads_are_free(device: torch.device) -> bool:
@@ -95,7 +95,10 @@ def _starting_free_set(gramian: Tensor, targets: Tensor, lipschitz: Tensor) -> T
         t_next = (1.0 + (1.0 + 4.0 * t * t) ** 0.5) / 2.0
         y = v_next + ((t - 1.0) / t_next) * (v_next - v)
         v, t = v_next, t_next
-    return v > u
+    # Rows the iterate has moved off their bound *and* still pushes against: FISTA's early
+    # iterates overshoot, and rows already satisfied (λ >= 0) mostly leave the set again (on
+    # real m = 1024 Gramians this halves the first blocks, for a few more missing rows).
+    return (v > u) & (v @ g < 0)
 
 
 def _solve_scaled(
@@ -118,11 +121,17 @@ def _solve_scaled(
         return _pivoting(
             g, u, u.clone(), start, inverse if compact else None, 0.0, eta, max_iter, compact
         )
-    # Nearly singular: projected Newton finds the active sets, block pivoting (from there) makes
-    # the answer exact where it can; otherwise Newton's certified answer stands.
-    y, newton_ok = _projected_newton(g, u, eps_in, floor, _NEWTON_ITER, compact)
-    y_piv, pivot_ok = _pivoting(g, u, y, y > u, None, floor, eta, max_iter, compact)
-    return torch.where(pivot_ok.unsqueeze(1), y_piv, y), pivot_ok | newton_ok
+    # Nearly singular: Lawson & Hanson on the slightly regularised problem finds the active
+    # sets, block pivoting (from there) makes the answer exact on the unregularised one.
+    y, certified = _lawson_hanson(g, u, eps_in)
+    if bool(certified.all()):
+        return y, certified
+    rest = (~certified).nonzero().squeeze(1)
+    u_rest, y_rest = u[rest], y[rest]
+    y[rest], certified[rest] = _pivoting(
+        g, u_rest, y_rest, y_rest > u_rest, None, floor, eta, max_iter, compact
+    )
+    return y, certified
 
 
 def _pivoting(
@@ -225,8 +234,8 @@ def project_weights(gramian: Tensor, targets: Tensor, *, max_iter: int = 30) -> 
         Weight vectors ``u_k`` stacked in a ``[k, m]`` matrix.
     max_iter:
         Block-pivoting iterations (well-conditioned problems take 2 to 10; nearly singular ones
-        first take up to 200 projected Newton steps) before uncertified problems are handed to
-        :func:`jdoptim.linalg.project_weights_quadprog`.
+        first take Lawson & Hanson's steps, about one per active row) before uncertified
+        problems are handed to :func:`jdoptim.linalg.project_weights_quadprog`.
 
     Returns
     -------

@@ -6,9 +6,15 @@ import torch
 from torch import Tensor
 
 _REFINEMENTS = 1  # Iterative refinements of each free-set solve.
-_CHUNK_ELEMENTS = 2**22  # Problems per batched solve: their [chunk, f, m] rows stay under this.
+_CHUNK_ELEMENTS = 2**22  # Problems per batched solve: their [chunk, f, f] blocks stay under this.
 _BUCKET = 32  # Problems factorised together at one block size (CPU).
 _TAU = 1e-12  # Certificate: KKT residuals within _TAU · ‖projection‖ (plus the rounding floor).
+
+
+def _cholesky_solve(factor: Tensor, rhs: Tensor) -> Tensor:
+    """Two triangular solves (5x faster than ``torch.cholesky_solve`` on CPU batches)."""
+    y = torch.linalg.solve_triangular(factor, rhs, upper=False)
+    return torch.linalg.solve_triangular(factor.mT, y, upper=True)
 
 
 def _correction(
@@ -56,7 +62,7 @@ def _block_solve(
     row; ``shift``: its own ``δ``, 0 when ``None``), 0 off ``S``.
 
     ``size`` bounds every ``|S|``. The problems are solved in chunks, so that the gathered blocks
-    (``[chunk, size, m]`` rows, ``[chunk, size, size]`` blocks) stay within a few tens of MiB
+    (``[chunk, size, size]``, gathered directly) stay within a few tens of MiB
     however large ``k`` and ``m`` are. With ``compact`` (set sizes readable for free: CPU), the
     problems are sorted by ``|S|`` and each chunk of ``_BUCKET`` problems is factorised at its own
     largest size: the cost is ``Σ |S|³`` rather than ``k · max |S|³`` (3x less at ``m = 256``).
@@ -66,20 +72,25 @@ def _block_solve(
         return torch.zeros_like(rhs)
     if shift is None:
         shift = torch.zeros(batch, dtype=rhs.dtype, device=rhs.device)
+    # The padding points at an extra zero row and column ``m`` (padded once for all chunks).
+    extended = torch.nn.functional.pad(matrix, (0, 1, 0, 1))
     if compact and batch > _BUCKET:
         counts = select.sum(dim=1)
         order = torch.argsort(counts)
         out = torch.empty_like(rhs)
         for part in order.split(_BUCKET):
             bucket = int(counts[part].max())
-            out[part] = _block_solve(matrix, rhs[part], select[part], bucket, shift[part])
+            if bucket == 0:
+                out[part] = 0.0
+                continue
+            out[part] = _block_solve_chunk(extended, rhs[part], select[part], bucket, shift[part])
         return out
-    chunk = max(1, _CHUNK_ELEMENTS // (size * m))
+    chunk = max(1, _CHUNK_ELEMENTS // (size * size + m))
     if batch <= chunk:
-        return _block_solve_chunk(matrix, rhs, select, size, shift)
+        return _block_solve_chunk(extended, rhs, select, size, shift)
     return torch.cat(
         [
-            _block_solve_chunk(matrix, b, s, size, d)
+            _block_solve_chunk(extended, b, s, size, d)
             for b, s, d in zip(
                 rhs.split(chunk), select.split(chunk), shift.split(chunk), strict=True
             )
@@ -88,27 +99,22 @@ def _block_solve(
 
 
 def _block_solve_chunk(
-    matrix: Tensor, rhs: Tensor, select: Tensor, size: int, shift: Tensor
+    extended: Tensor, rhs: Tensor, select: Tensor, size: int, shift: Tensor
 ) -> Tensor:
-    batch, m = select.shape
+    """One batch of ``_block_solve`` (``extended``: the matrix, padded with a zero row and
+    column)."""
+    m = select.shape[1]
     # Selected indices first, in increasing order (stable sort of the other indicator). The
-    # padding points at an extra zero row and column ``m``, and gets a unit diagonal: the blocks
-    # come padded with an identity block.
+    # padding points at the extra zero row and column ``m``, and gets a unit diagonal: the
+    # blocks come padded with an identity block.
     order = torch.sort((~select).to(torch.uint8), dim=1, stable=True).indices[:, :size]
     valid = torch.arange(size, device=select.device) < select.sum(dim=1, keepdim=True)
     padded = torch.where(valid, order, m)
-    extended = torch.nn.functional.pad(matrix, (0, 1, 0, 1))
-    rows = extended.index_select(0, padded.flatten()).view(batch, size, m + 1)
-    block = rows.gather(2, padded.unsqueeze(1).expand(batch, size, size))
+    block = extended[padded.unsqueeze(2), padded.unsqueeze(1)]  # [batch, size, size] only
     block.diagonal(dim1=1, dim2=2).add_(torch.where(valid, shift.unsqueeze(1), 1.0))
     factor = torch.linalg.cholesky(block)
     b = torch.nn.functional.pad(rhs, (0, 1)).gather(1, padded).unsqueeze(2)
-
-    def solve(r: Tensor) -> Tensor:
-        y = torch.linalg.solve_triangular(factor, r, upper=False)
-        return torch.linalg.solve_triangular(factor.mT, y, upper=True)
-
-    x = solve(b)
+    x = _cholesky_solve(factor, b)
     for _ in range(_REFINEMENTS):
-        x = x + solve(b - block @ x)
+        x = x + _cholesky_solve(factor, b - block @ x)
     return torch.zeros_like(rhs).scatter(1, order, x.squeeze(2) * valid)

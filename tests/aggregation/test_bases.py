@@ -187,13 +187,10 @@ def test_repr_shows_constructor_arguments():
 @pytest.mark.parametrize(
     ("dtype", "scale"),
     [
-        pytest.param(
-            torch.float64,
-            1e-200,
-            marks=pytest.mark.xfail(
-                strict=True, reason="float64 J Jᵀ ~ 1e-400 is not representable: UPGrad is Mean"
-            ),
-        ),
+        (torch.float64, 1e-200),  # J Jᵀ ~ 1e-400: the homogeneous aggregators scale J first
+        (torch.float64, 1e-160),
+        (torch.float64, 1e160),  # J Jᵀ ~ 1e320 overflows
+        (torch.float64, 1e300),
         (torch.float32, 1e-24),  # the float64 Gramian of jdoptim.linalg.gramian holds it
     ],
 )
@@ -201,6 +198,23 @@ def test_gramian_underflow_keeps_non_conflicting(dtype, scale):
     j = torch.tensor([[1.0, 0.0], [-2.0, 1.0]], dtype=dtype) * scale
     update = UPGrad()(j).double() / scale  # rescaled: the conflict itself would underflow too
     assert float((j.double() / scale @ update).min()) >= 0.0
+
+
+_SCALE_FREE = [
+    e
+    for e in AGGREGATORS_UNDER_TEST
+    if e.claims.homogeneous and e.claims.stateless and e.claims.deterministic
+]
+
+
+@pytest.mark.parametrize("scale", [2.0**-700, 2.0**-500, 2.0**500, 2.0**1000])
+@pytest.mark.parametrize("entry", _SCALE_FREE, ids=str)
+def test_homogeneous_at_the_ends_of_float64(entry: Entry, scale):
+    """A(sJ) = s A(J) for a power of two s, however far J Jᵀ leaves float64's range."""
+    j = torch.randn(5, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    expected = entry.make(5)(j)
+    actual = entry.make(5)(j * scale) / scale
+    torch.testing.assert_close(actual, expected, rtol=max(entry.rtol, 1e-9), atol=0)
 
 
 def test_gramian_overflow_finite_input():

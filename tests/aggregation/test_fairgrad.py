@@ -99,3 +99,26 @@ def test_rows_spread_over_four_decades():
     update = FairGrad(alpha=1.0)(torch.from_numpy(matrix)).numpy()
     permuted = FairGrad(alpha=1.0)(torch.from_numpy(matrix[permutation])).numpy()
     assert np.linalg.norm(update - permuted) <= 1e-9 * np.linalg.norm(update)
+
+
+@pytest.mark.parametrize("seed", [0, 2, 5])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_rows_spread_over_12_decades_keep_their_equations(seed: int, dtype: torch.dtype):
+    """Rows 1e12 apart in norm, 0 not in their hull: every row keeps ``g_iᵀd = 1/w_i > 0``.
+
+    The rows' unit directions and the equation ``(G w)_i w_i = 1`` (α = 1) are invariant to the
+    rows' norms, so the solution is that of the unit rows, ``w_i = v_i / ‖g_i‖``, checked against
+    scipy's least squares on the unit rows. (The shortest rows used to be dropped as "numerically
+    zero", and the update conflicted with them, cosine down to -0.99.)
+    """
+    rng = np.random.default_rng(seed)
+    directions = rng.normal(size=(4, 6)) + 2.0 * rng.normal(size=6)  # a cone: 0 not in the hull
+    unit = directions / np.linalg.norm(directions, axis=1, keepdims=True)
+    norms = np.array([1e6, 1.0, 1e-3, 1e-6])
+    matrix = torch.from_numpy(unit * norms[:, None]).to(dtype)
+    unit = unit.astype(np.float32).astype(np.float64) if dtype == torch.float32 else unit
+    expected = scipy_weights(unit @ unit.T, 1.0) / np.linalg.norm(matrix.double().numpy(), axis=1)
+    weights = FairGrad(alpha=1.0).weights(matrix).double().numpy()
+    np.testing.assert_allclose(weights, expected, rtol=1e-6 if dtype == torch.float64 else 1e-3)
+    alignment = matrix.double().numpy() @ FairGrad(alpha=1.0)(matrix).double().numpy()
+    assert np.all(alignment > 0)
