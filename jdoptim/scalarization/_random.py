@@ -12,8 +12,8 @@ from jdoptim.scalarization._base import Scalarizer
 class Random(Seeded, Scalarizer):
     r"""Combine the values with fresh random weights on the simplex at each call.
 
-    *Reasonable Effectiveness of Random Weighting: A Litmus Test for Multi-Task Learning*, Lin,
-    Ye, Xu, Shi & Zhang, TMLR 2022 (https://arxiv.org/abs/2111.10603), Algorithm 2 (random loss
+    *Reasonable Effectiveness of Random Weighting: A Litmus Test for Multi-Task Learning*, Lin, Ye,
+    Zhang & Tsang, TMLR 2022 (https://arxiv.org/abs/2111.10603), Algorithm 2 (random loss
     weighting):
 
     .. math::
