@@ -60,7 +60,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from jdoptim.linalg._blocks import _TAU, _correction
+from jdoptim.linalg._blocks import _TAU, _correction, _product
 from jdoptim.linalg._dual_cone import project_weights_quadprog
 from jdoptim.linalg._gramian import jacobi_scaled
 from jdoptim.linalg._lawson_hanson import _lawson_hanson
@@ -158,13 +158,14 @@ def _pivoting(
     budget = torch.full((k,), _BACKUP_BUDGET, device=device)
     positions = torch.arange(1, r + 1, device=device)
     previous = torch.full((k,), torch.inf, dtype=dtype, device=device)
+    lam = _product(y, g, compact)  # then carried over from the end of each iteration
     for iteration in range(max_iter):
         u_rows = u[rows]
         # One block-pivoting step of the inner problem (a positive definite LCP), written as a
         # correction from the current point: its residual uses G + δI itself.
-        lam_inner = y @ g + delta.unsqueeze(1) * (y - centre)
+        lam_inner = lam + delta.unsqueeze(1) * (y - centre)
         y = y + _correction(g, inverse, lam_inner, u_rows - y, free, delta, compact)
-        lam = y @ g  # (Ĵ p)_j of the unregularised problem, p = Ĵᵀy
+        lam = _product(y, g, compact)  # (Ĵ p)_j of the unregularised problem, p = Ĵᵀy
         lam_inner = lam + delta.unsqueeze(1) * (y - centre)
         norm = (lam * y).sum(dim=1, keepdim=True).clamp_min(0).sqrt()  # ‖p‖
         # Signs: to the rounding of λ = G y, plus _TAU of the projection's norm.
@@ -192,8 +193,8 @@ def _pivoting(
             rows, free, infeasible, count, solved = (
                 t[keep] for t in (rows, free, infeasible, count, solved)
             )
-            y, centre, previous, best, budget, delta = (
-                t[keep] for t in (y, centre, previous, best, budget, delta)
+            y, lam, centre, previous, best, budget, delta = (
+                t[keep] for t in (y, lam, centre, previous, best, budget, delta)
             )
         elif (iteration + 1) % _CHECK_EVERY == 0 and bool(certified.all()):
             break
