@@ -247,3 +247,16 @@ def test_sparse_products_everywhere(monkeypatch, kind: str) -> None:
     weights = project_weights(jacobian @ jacobian.T, torch.eye(64, dtype=torch.float64))
     assert calls
     assert _error(jacobian, weights, list(range(64))) < 1e-6
+
+
+@pytest.mark.parametrize("kind", ["random", "ill_conditioned", "mostly_conflicting"])
+def test_step_bound_brackets_largest_eigenvalue(kind: str) -> None:
+    """The starting guess's Lipschitz constant: at least ``λ_max`` (eigvalsh: FISTA's steps are
+    stable) and at most ``‖G‖₁`` (the previous, looser constant)."""
+    from jdoptim.linalg._active_set import _step_bound
+
+    jacobian = _jacobian(kind, 64)
+    gramian = jacobian @ jacobian.T
+    largest = float(torch.linalg.eigvalsh(gramian)[-1])
+    bound = float(_step_bound(gramian))
+    assert largest <= bound <= float(torch.linalg.matrix_norm(gramian, 1)) * (1 + 1e-12)
