@@ -60,7 +60,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from jdoptim.linalg._blocks import _TAU, _correction
+from jdoptim.linalg._blocks import _TAU, _correction, _product
 from jdoptim.linalg._dual_cone import project_weights_quadprog
 from jdoptim.linalg._gramian import jacobi_scaled
 from jdoptim.linalg._lawson_hanson import _lawson_hanson
@@ -68,7 +68,8 @@ from jdoptim.linalg._lawson_hanson import _lawson_hanson
 __all__ = ["project_weights"]
 
 _BACKUP_BUDGET = 3  # Kim & Park's "p̄": full exchanges allowed without progress.
-_FISTA_STEPS = 12  # Steps of the starting guess.
+_FISTA_STEPS = 16  # Steps of the starting guess.
+_POWER_STEPS = 30  # Power iterations for the step size of the starting guess.
 _CHECK_EVERY = 4  # Off CPU, read convergence back every this many iterations.
 _DELTA = 1e-10  # Proximal shift of the factorised blocks (the scaled Gramian has a unit diagonal).
 _CONDITION = 1e-4  # Block pivoting alone while diag(G⁻¹) · _DELTA stays below this.
@@ -77,6 +78,19 @@ _CONDITION = 1e-4  # Block pivoting alone while diag(G⁻¹) · _DELTA stays bel
 def _reads_are_free(device: torch.device) -> bool:
     """Whether reading a value back to the host costs nothing (no device synchronisation)."""
     return device.type == "cpu"
+
+
+def _step_bound(gramian: Tensor) -> Tensor:
+    """A Lipschitz constant for the starting guess: ``λ_max`` by power iteration, plus 5 %.
+
+    Capped by ``‖G‖₁ >= λ_max``. On real m = 1024 Gramians ``λ_max`` is 0.67x ``‖G‖₁``: longer
+    steps, a tighter start (161 rows per problem instead of 198 for as many correct ones).
+    """
+    x = torch.linspace(1.0, 2.0, gramian.shape[0], dtype=gramian.dtype, device=gramian.device)
+    for _ in range(_POWER_STEPS):
+        x = gramian @ x
+        x = x / x.norm().clamp_min(torch.finfo(x.dtype).tiny)
+    return torch.minimum(1.05 * (x @ gramian @ x), torch.linalg.matrix_norm(gramian, 1))
 
 
 def _starting_free_set(gramian: Tensor, targets: Tensor, lipschitz: Tensor) -> Tensor:
@@ -117,7 +131,7 @@ def _solve_scaled(
     # positive definite, block pivoting is finite and exact without a shift. Otherwise it may
     # cycle among equivalent active sets.
     if inverse is not None and bool(inverse.diagonal().max() * _DELTA <= _CONDITION):
-        start = _starting_free_set(g, u, torch.linalg.matrix_norm(g, 1))
+        start = _starting_free_set(g, u, _step_bound(g))
         return _pivoting(
             g, u, u.clone(), start, inverse if compact else None, 0.0, eta, max_iter, compact
         )
@@ -158,13 +172,14 @@ def _pivoting(
     budget = torch.full((k,), _BACKUP_BUDGET, device=device)
     positions = torch.arange(1, r + 1, device=device)
     previous = torch.full((k,), torch.inf, dtype=dtype, device=device)
+    lam = _product(y, g, compact)  # then carried over from the end of each iteration
     for iteration in range(max_iter):
         u_rows = u[rows]
         # One block-pivoting step of the inner problem (a positive definite LCP), written as a
         # correction from the current point: its residual uses G + δI itself.
-        lam_inner = y @ g + delta.unsqueeze(1) * (y - centre)
+        lam_inner = lam + delta.unsqueeze(1) * (y - centre)
         y = y + _correction(g, inverse, lam_inner, u_rows - y, free, delta, compact)
-        lam = y @ g  # (Ĵ p)_j of the unregularised problem, p = Ĵᵀy
+        lam = _product(y, g, compact)  # (Ĵ p)_j of the unregularised problem, p = Ĵᵀy
         lam_inner = lam + delta.unsqueeze(1) * (y - centre)
         norm = (lam * y).sum(dim=1, keepdim=True).clamp_min(0).sqrt()  # ‖p‖
         # Signs: to the rounding of λ = G y, plus _TAU of the projection's norm.
@@ -192,8 +207,8 @@ def _pivoting(
             rows, free, infeasible, count, solved = (
                 t[keep] for t in (rows, free, infeasible, count, solved)
             )
-            y, centre, previous, best, budget, delta = (
-                t[keep] for t in (y, centre, previous, best, budget, delta)
+            y, lam, centre, previous, best, budget, delta = (
+                t[keep] for t in (y, lam, centre, previous, best, budget, delta)
             )
         elif (iteration + 1) % _CHECK_EVERY == 0 and bool(certified.all()):
             break

@@ -9,6 +9,25 @@ _REFINEMENTS = 1  # Iterative refinements of each free-set solve.
 _CHUNK_ELEMENTS = 2**22  # Problems per batched solve: their [chunk, f, f] blocks stay under this.
 _BUCKET = 32  # Problems factorised together at one block size (CPU).
 _TAU = 1e-12  # Certificate: KKT residuals within _TAU · ‖projection‖ (plus the rounding floor).
+_SPARSE = 0.1  # x @ g as a sparse product when at most this fraction of x is non-zero (CPU).
+
+
+def _product(x: Tensor, g: Tensor, compact: bool) -> Tensor:
+    """``x @ g``, as a sparse product when ``x`` is mostly zeros and reads are free (``compact``).
+
+    Pivoting's points are ``u`` off the free set, so for UPGrad's targets (``u_k = e_k``) a row
+    holds about ``|F| + 1`` non-zeros, and its corrections off ``F`` only the few rows that left
+    ``F``. With one thread at ``m = k = 1024`` the sparse product takes 0.65x the dense one's time
+    at 8 % non-zeros, 0.14x at 1 %.
+    """
+    if not compact:
+        return x @ g
+    nonzeros = int(torch.count_nonzero(x))
+    if nonzeros == 0:
+        return x.new_zeros(x.shape[0], g.shape[1])
+    if nonzeros <= _SPARSE * x.numel():
+        return torch.sparse.mm(x.to_sparse(), g)
+    return x @ g
 
 
 def _cholesky_solve(factor: Tensor, rhs: Tensor) -> Tensor:
@@ -46,7 +65,7 @@ def _correction(
     if inverse is not None and n_fixed < n_free:
         nu = _block_solve(inverse, fixed_part + lam @ inverse, ~free, n_fixed, None, compact)
         return (nu - lam) @ inverse
-    rhs = -lam - fixed_part @ g - delta.unsqueeze(1) * fixed_part
+    rhs = -lam - _product(fixed_part, g, compact) - delta.unsqueeze(1) * fixed_part
     return fixed_part + _block_solve(g, rhs, free, n_free, delta, compact)
 
 
