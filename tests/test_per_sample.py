@@ -315,3 +315,26 @@ def test_linear_rule_weight_and_bias_against_float64_per_sample_gradients(t, d, 
         ):  # float32 products: relative to the norm, not entrywise (cancellation)
             error = torch.linalg.vector_norm(got.double() - want)
             assert error <= 1e-6 * torch.linalg.vector_norm(want), (name, float(error))
+
+
+@pytest.mark.parametrize("dominant", [False, True], ids=["grouped", "one index fills most"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_embedding_gramian_equals_explicit_per_sample_gradients(dominant, dtype):
+    """The embedding rule's Gramian (indices grouped, or the kernel form when one index fills
+    most positions) against the Gramian of explicitly scattered per-sample gradients."""
+    from jdoptim.engine._layer_rules import _token_gramian
+
+    g = torch.Generator().manual_seed(3)
+    b, t, vocab, d = 6, 5, 7, 3
+    idx = torch.randint(0, vocab, (b, t), generator=g)
+    if dominant:
+        idx[:, 1:] = 2
+    grads = torch.randn(b, t, d, generator=g, dtype=torch.float64)
+    per_sample = torch.zeros(b, vocab, d, dtype=torch.float64)
+    for i in range(b):
+        per_sample[i].index_add_(0, idx[i], grads[i])
+    flat = per_sample.reshape(b, -1)
+    expected = flat @ flat.T
+    got = _token_gramian(idx.reshape(-1), grads.reshape(-1, d).to(dtype), b, t)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got.double(), expected, rtol=tol, atol=tol * expected.abs().max())

@@ -169,8 +169,7 @@ def _embedding(module: nn.Embedding, calls: Calls) -> dict[str, PerSample]:
 
     def gramian() -> Tensor:
         flat_i, flat_g = idx.reshape(-1), g.reshape(-1, g.shape[-1])
-        kernel = (flat_i[:, None] == flat_i[None, :]).to(g.dtype) * (flat_g @ flat_g.T)
-        return unscale_gramian(kernel.view(b, t, b, t).sum(dim=(1, 3)), exps)
+        return unscale_gramian(_token_gramian(flat_i, flat_g, b, t), exps)
 
     def weighted(w: Tensor) -> Tensor:
         coef, shift = coefficients(w, exps, g.dtype)
@@ -278,3 +277,33 @@ def rule_for(module: nn.Module) -> Rule | None:
     if attention.supports(module):
         return _self_attention
     return None
+
+
+def _token_gramian(flat_i: Tensor, flat_g: Tensor, b: int, t: int) -> Tensor:
+    """``Σ_{t,s} [i_{at} = i_{bs}] ⟨g_{at}, g_{bs}⟩`` for samples ``a, b``: an embedding's
+    per-sample Gramian from its ``B·T`` looked-up indices and output gradients.
+
+    Only positions holding the same index interact, so the positions are grouped by index and
+    each group's ``n × n`` block of inner products is added into the ``B × B`` Gramian:
+    ``Σ_v n_v² d`` operations (groups padded to the largest, ``U · n_max² · d``) instead of the
+    kernel form's ``(BT)² d``, which stays the choice when one index fills most positions.
+    """
+    d = flat_g.shape[1]
+    uniq, group, counts = torch.unique(flat_i, return_inverse=True, return_counts=True)
+    n_max = int(counts.max())
+    if uniq.numel() * n_max * n_max * (d + 1) >= (b * t) ** 2 * (d + 2):
+        kernel = (flat_i[:, None] == flat_i[None, :]).to(flat_g.dtype) * (flat_g @ flat_g.T)
+        return kernel.view(b, t, b, t).sum(dim=(1, 3))
+    order = torch.argsort(group, stable=True)
+    group = group[order]
+    pos = torch.arange(b * t, device=flat_g.device) - (torch.cumsum(counts, 0) - counts)[group]
+    padded = flat_g.new_zeros(uniq.numel(), n_max, d)
+    padded[group, pos] = flat_g[order]
+    # Padding positions belong to a dummy sample ``b``, dropped at the end.
+    sample = torch.full((uniq.numel(), n_max), b, dtype=torch.long, device=flat_g.device)
+    sample[group, pos] = torch.arange(b, device=flat_g.device).repeat_interleave(t)[order]
+    blocks = padded @ padded.transpose(1, 2)
+    pairs = sample[:, :, None] * (b + 1) + sample[:, None, :]
+    out = flat_g.new_zeros((b + 1) * (b + 1))
+    out.index_add_(0, pairs.reshape(-1), blocks.reshape(-1))
+    return out.view(b + 1, b + 1)[:b, :b]
