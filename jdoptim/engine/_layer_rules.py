@@ -289,18 +289,18 @@ def _token_gramian(flat_i: Tensor, flat_g: Tensor, b: int, t: int) -> Tensor:
     kernel form's ``(BT)² d``, which stays the choice when one index fills most positions.
     """
     d = flat_g.shape[1]
-    uniq, group, counts = torch.unique(flat_i, return_inverse=True, return_counts=True)
+    # One sort: positions in index order, then each index's group and its size.
+    sorted_i, order = torch.sort(flat_i, stable=True)
+    _, group, counts = torch.unique_consecutive(sorted_i, return_inverse=True, return_counts=True)
     n_max = int(counts.max())
-    if uniq.numel() * n_max * n_max * (d + 1) >= (b * t) ** 2 * (d + 2):
+    if counts.numel() * n_max * n_max * (d + 1) >= (b * t) ** 2 * (d + 2):
         kernel = (flat_i[:, None] == flat_i[None, :]).to(flat_g.dtype) * (flat_g @ flat_g.T)
         return kernel.view(b, t, b, t).sum(dim=(1, 3))
-    order = torch.argsort(group, stable=True)
-    group = group[order]
     pos = torch.arange(b * t, device=flat_g.device) - (torch.cumsum(counts, 0) - counts)[group]
-    padded = flat_g.new_zeros(uniq.numel(), n_max, d)
+    padded = flat_g.new_zeros(counts.numel(), n_max, d)
     padded[group, pos] = flat_g[order]
     # Padding positions belong to a dummy sample ``b``, dropped at the end.
-    sample = torch.full((uniq.numel(), n_max), b, dtype=torch.long, device=flat_g.device)
+    sample = torch.full((counts.numel(), n_max), b, dtype=torch.long, device=flat_g.device)
     sample[group, pos] = torch.arange(b, device=flat_g.device).repeat_interleave(t)[order]
     blocks = padded @ padded.transpose(1, 2)
     pairs = sample[:, :, None] * (b + 1) + sample[:, None, :]
