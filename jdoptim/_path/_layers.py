@@ -44,16 +44,12 @@ class LayerParts:
         self.parts: list[LayerPieces] = []
 
     def add(self, part: LayerPieces) -> None:
-        """Keep the pieces of one micro-batch, their calls in a rank-independent order."""
+        """Keep the pieces of one micro-batch."""
         if self.parts and part.m != self.parts[0].m:
             raise ValueError(
                 f"cross_rank='mean' averages micro-batches with the same number of losses: got "
                 f"{part.m} losses after {self.parts[0].m}"
             )
-        part.calls.sort(key=lambda call: self._key(call[0]))
-        for k, j in part.rows.items():  # outside shared_params: only the sum is needed
-            if id(self.params[k]) in self.summed_only:
-                part.rows[k] = j.sum(dim=0, keepdim=True)
         self.parts.append(part)
 
     def weighed(
@@ -64,6 +60,8 @@ class LayerParts:
             raise error
         if exchange is None and len(self.parts) == 1:  # the plain step
             return layer_step(self.parts[0], self.params, weigh.weights, self.summed_only)[0]
+        for part in self.parts:
+            self._align(part)
         local = None if error is not None else [self._signature(p) for p in self.parts]
         signatures = [local] if exchange is None else exchange.agree(local, error)
         everything = [sig for rank in signatures for sig in rank]  # type: ignore[union-attr]
@@ -93,6 +91,14 @@ class LayerParts:
         ]
         mean = LayerPieces(first.m, calls, {k: total(rs) / count for k, rs in rows.items()})
         return layer_step(mean, self.params, weigh.weights, self.summed_only)[0]
+
+    def _align(self, part: LayerPieces) -> None:
+        """Put ``part``'s calls in a rank-independent order, and reduce the rows of parameters
+        outside ``shared_params`` to their sum (all that is needed of them), before combining."""
+        part.calls.sort(key=lambda call: self._key(call[0]))
+        for k, j in part.rows.items():
+            if id(self.params[k]) in self.summed_only:
+                part.rows[k] = j.sum(dim=0, keepdim=True)
 
     def _key(self, module: Any) -> int:
         """A rank-independent name of a module: the index of its first parameter."""
