@@ -60,7 +60,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from jdoptim.linalg._blocks import _TAU, _correction, _product
+from jdoptim.linalg._blocks import _correction, _product, _sign_tolerance
 from jdoptim.linalg._dual_cone import project_weights_quadprog
 from jdoptim.linalg._gramian import jacobi_scaled
 from jdoptim.linalg._lawson_hanson import _lawson_hanson
@@ -162,7 +162,6 @@ def _pivoting(
     """Block principal pivoting from ``(y, free)``, each inner problem proximal (``δ = floor``)."""
     k, r = u.shape
     device, dtype = g.device, g.dtype
-    eps = torch.finfo(dtype).eps
     delta = torch.full((k,), floor, dtype=dtype, device=device)
     centre = y.clone()  # each inner problem: min ½yᵀGy + δ/2 ‖y - centre‖² s.t. y >= u
     out = u.clone()
@@ -181,9 +180,8 @@ def _pivoting(
         y = y + _correction(g, inverse, lam_inner, u_rows - y, free, delta, compact)
         lam = _product(y, g, compact)  # (Ĵ p)_j of the unregularised problem, p = Ĵᵀy
         lam_inner = lam + delta.unsqueeze(1) * (y - centre)
-        norm = (lam * y).sum(dim=1, keepdim=True).clamp_min(0).sqrt()  # ‖p‖
-        # Signs: to the rounding of λ = G y, plus _TAU of the projection's norm.
-        tol = _TAU * norm + 2 * r * eps * y.abs().sum(dim=1, keepdim=True)
+        # ‖p‖, and signs to the rounding of λ = G y plus _TAU of the projection's norm.
+        norm, tol = _sign_tolerance(lam, y)
         infeasible = torch.where(free, y - u_rows < -tol, lam_inner < -tol)
         count = infeasible.sum(dim=1)
         solved = count == 0  # the inner problem: its centre moves to its solution

@@ -12,6 +12,14 @@ _TAU = 1e-12  # Certificate: KKT residuals within _TAU · ‖projection‖ (plus
 _SPARSE = 0.1  # x @ g as a sparse product when at most this fraction of x is non-zero (CPU).
 
 
+def _sign_tolerance(lam: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """The projection's norm ``‖p‖ = √(yᵀĜy)`` (from ``λ = Ĝy``) and the certificate's sign
+    tolerance: ``_TAU · ‖p‖`` plus the rounding of ``λ``, each ``[k, 1]``."""
+    eps = torch.finfo(y.dtype).eps
+    norm = (lam * y).sum(dim=1, keepdim=True).clamp_min(0).sqrt()
+    return norm, _TAU * norm + 2 * y.shape[1] * eps * y.abs().sum(dim=1, keepdim=True)
+
+
 def _product(x: Tensor, g: Tensor, compact: bool) -> Tensor:
     """``x @ g``, as a sparse product when ``x`` is mostly zeros and reads are free (``compact``).
 
@@ -122,16 +130,32 @@ def _block_solve_chunk(
 ) -> Tensor:
     """One batch of ``_block_solve`` (``extended``: the matrix, padded with a zero row and
     column)."""
+    order, valid, padded, block = _principal_blocks(extended, select, size)
+    block.diagonal(dim1=1, dim2=2).add_(torch.where(valid, shift.unsqueeze(1), 1.0))
+    return _factored_solve(torch.linalg.cholesky(block), block, rhs, order, valid, padded)
+
+
+def _principal_blocks(
+    extended: Tensor, select: Tensor, size: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The ``[batch, size, size]`` principal blocks ``matrix[S, S]`` of each problem's set ``S``
+    (``extended``: the matrix padded with a zero row and column ``m``), with the indices they
+    use: ``order`` (selected indices first, in increasing order: a stable sort of the other
+    indicator), ``valid`` (which of the ``size`` positions are selected) and ``padded`` (``order``
+    with the padding pointed at ``m``). The padding part of a block is zero: the caller puts a
+    unit diagonal there, so that the blocks come padded with an identity block."""
     m = select.shape[1]
-    # Selected indices first, in increasing order (stable sort of the other indicator). The
-    # padding points at the extra zero row and column ``m``, and gets a unit diagonal: the
-    # blocks come padded with an identity block.
     order = torch.sort((~select).to(torch.uint8), dim=1, stable=True).indices[:, :size]
     valid = torch.arange(size, device=select.device) < select.sum(dim=1, keepdim=True)
     padded = torch.where(valid, order, m)
-    block = extended[padded.unsqueeze(2), padded.unsqueeze(1)]  # [batch, size, size] only
-    block.diagonal(dim1=1, dim2=2).add_(torch.where(valid, shift.unsqueeze(1), 1.0))
-    factor = torch.linalg.cholesky(block)
+    return order, valid, padded, extended[padded.unsqueeze(2), padded.unsqueeze(1)]
+
+
+def _factored_solve(
+    factor: Tensor, block: Tensor, rhs: Tensor, order: Tensor, valid: Tensor, padded: Tensor
+) -> Tensor:
+    """``x`` with ``block x_S = rhs_S`` (0 off ``S``), from ``block``'s Cholesky ``factor`` and
+    the indices of :func:`_principal_blocks`, with ``_REFINEMENTS`` iterative refinements."""
     b = torch.nn.functional.pad(rhs, (0, 1)).gather(1, padded).unsqueeze(2)
     x = _cholesky_solve(factor, b)
     for _ in range(_REFINEMENTS):

@@ -26,39 +26,25 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from jdoptim.linalg._blocks import _TAU, _cholesky_solve
-
-
-def _sign_tolerance(lam: Tensor, y: Tensor) -> Tensor:
-    """The certificate's sign tolerance: ``_TAU · ‖p‖`` plus the rounding of ``λ = G y``."""
-    eps = torch.finfo(y.dtype).eps
-    norm = (lam * y).sum(dim=1, keepdim=True).clamp_min(0).sqrt()
-    return _TAU * norm + 2 * y.shape[1] * eps * y.abs().sum(dim=1, keepdim=True)
+from jdoptim.linalg._blocks import _factored_solve, _principal_blocks, _sign_tolerance
 
 
 def _face_solve(g: Tensor, rhs: Tensor, select: Tensor, floor: float) -> tuple[Tensor, Tensor]:
     """``x`` with ``g[S, S] x_S = rhs_S`` (0 off ``S``) for each problem, and whether ``g[S, S]``
     is regular: every Cholesky pivot above ``floor`` (unit diagonal)."""
-    batch, m = select.shape
+    batch = select.shape[0]
     size = int(select.sum(dim=1).max())
     if size == 0:
         return torch.zeros_like(rhs), torch.ones(batch, dtype=torch.bool, device=rhs.device)
-    order = torch.sort((~select).to(torch.uint8), dim=1, stable=True).indices[:, :size]
-    valid = torch.arange(size, device=select.device) < select.sum(dim=1, keepdim=True)
-    padded = torch.where(valid, order, m)
     extended = torch.nn.functional.pad(g, (0, 1, 0, 1))
-    block = extended[padded.unsqueeze(2), padded.unsqueeze(1)]
+    order, valid, padded, block = _principal_blocks(extended, select, size)
     block.diagonal(dim1=1, dim2=2).add_((~valid).to(g.dtype))
     factor, info = torch.linalg.cholesky_ex(block)
     pivots = factor.diagonal(dim1=1, dim2=2).square()
     regular = (info == 0) & (pivots > floor).all(dim=1) & torch.isfinite(pivots).all(dim=1)
     eye = torch.eye(size, dtype=g.dtype, device=g.device)
     factor = torch.where(regular.view(-1, 1, 1), factor, eye)
-    b = torch.nn.functional.pad(rhs, (0, 1)).gather(1, padded).unsqueeze(2)
-    x = _cholesky_solve(factor, b)
-    x = x + _cholesky_solve(factor, b - block @ x)  # one refinement
-    out = torch.zeros_like(rhs).scatter(1, order, x.squeeze(2) * valid)
-    return out, regular
+    return _factored_solve(factor, block, rhs, order, valid, padded), regular
 
 
 def _alignment(g: Tensor, base: Tensor, mu: Tensor, passive: Tensor) -> Tensor:
@@ -86,7 +72,7 @@ def _lawson_hanson(g: Tensor, u: Tensor, eps_in: float) -> tuple[Tensor, Tensor]
     for _ in range(3 * r + 1):  # each outer step adds a row or sets one aside
         u_rows = u[rows]
         lam = _alignment(g, base, y - u_rows, passive)
-        tol = _sign_tolerance(lam, y)
+        _, tol = _sign_tolerance(lam, y)
         violated = ~passive & (lam < -tol)
         candidates = violated & ~aside
         done = ~candidates.any(dim=1)
