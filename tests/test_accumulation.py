@@ -142,6 +142,44 @@ def test_concat_mode_when_the_layer_shapes_differ_between_micro_batches():
     torch.testing.assert_close(_grads(model), upgrad_reference(jacobian), rtol=1e-7, atol=1e-9)
 
 
+class _MaskedAttention(nn.Module):
+    """Causal self-attention with a padding mask that differs between samples: the closed form
+    of a masked call is replayed in its own micro-batch, its rows then cross micro-batches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(6)
+        self.attention = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        t = x.shape[1]
+        causal = torch.ones(t, t, dtype=torch.bool).triu(1)
+        padding = torch.zeros(x.shape[0], t, dtype=torch.bool)
+        padding[::2, -1] = True
+        return self.head(self.attention(x, x, x, padding, attn_mask=causal)[0].mean(1))
+
+
+@pytest.mark.parametrize("cross_rank", ["concat", "mean"])
+def test_micro_batches_of_masked_attention(cross_rank):
+    model = _MaskedAttention()
+    x, y = torch.randn(8, 5, 4), torch.randn(8, 3)
+    opt = JacobianOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), UPGrad(), batch_dim=0, cross_rank=cross_rank
+    )
+    for i, (xs, ys) in enumerate(zip(x.split(4), y.split(4), strict=True)):
+        opt.backward(_sample_losses(xs, ys)(model), accumulate=i == 0)
+    assert opt._path.record.route == "samples"
+    if cross_rank == "concat":
+        expected = upgrad_reference(_jacobian(model, _sample_losses(x, y)))
+    else:
+        first, second = (
+            _jacobian(model, _sample_losses(x[s], y[s])) for s in (slice(4), slice(4, 8))
+        )
+        expected = upgrad_reference((first + second) / 2)
+    torch.testing.assert_close(_grads(model), expected, rtol=1e-7, atol=1e-9)
+
+
 @pytest.mark.parametrize("batch_dim", [None, 0])
 def test_shared_params_heads_get_the_combined_summed_gradient(batch_dim):
     model = _mlp(3)

@@ -69,8 +69,49 @@ class _Transformer(nn.Module):
         self.masked = masked
 
     def forward(self, tokens):
-        mask = (tokens == 0) if self.masked else None  # padding: attention falls back to VJPs
+        mask = (tokens == 0) if self.masked else None  # padding, replayed by the closed form
         return self.head(self.layer(self.embedding(tokens), src_key_padding_mask=mask).mean(1))
+
+
+class _Attention(nn.Module):
+    """Self-attention with masks of every kind ``nn.MultiheadAttention`` accepts, over [B, 5, 4].
+
+    ``causal``: a float causal mask through an encoder layer (``is_causal=True``); ``boolean``: a
+    boolean 2-D mask and a boolean padding mask, passed positionally; ``per_head``: a float
+    ``[B·h, T, T]`` mask, different for every sample and head, with an additive padding mask;
+    ``cross``: keys and values are not the query (no closed form: batched VJPs).
+    """
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        if kind == "causal":
+            self.layer = nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, batch_first=True)
+        else:
+            self.attention = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.head = nn.Linear(4, 2)
+        generator = torch.Generator().manual_seed(3)
+        self.register_buffer("noise", torch.randn(6 * 2, 5, 5, generator=generator))
+
+    def forward(self, x):
+        b, t = x.shape[:2]
+        if self.kind == "causal":
+            mask = nn.Transformer.generate_square_subsequent_mask(t, dtype=x.dtype)
+            h = self.layer(x, src_mask=mask, is_causal=True)
+        elif self.kind == "boolean":
+            mask = torch.ones(t, t, dtype=torch.bool).triu(2)  # each position sees 1 ahead
+            padding = torch.zeros(b, t, dtype=torch.bool)
+            padding[0, -2:] = True  # the first sample's last two positions
+            h = self.attention(x, x, x, padding, True, mask)[0]
+        elif self.kind == "per_head":
+            padding = torch.zeros(b, t, dtype=x.dtype)
+            padding[0, -2:], padding[1, 0] = -torch.inf, -0.5
+            h = self.attention(x, x, x, key_padding_mask=padding, attn_mask=self.noise.to(x.dtype))[
+                0
+            ]
+        else:
+            h = self.attention(x, x.flip(1), x.flip(1), need_weights=False)[0]
+        return self.head(h.mean(1))
 
 
 class _GRUModel(nn.Module):
@@ -107,6 +148,10 @@ CASES = {
     "gru": (_GRUModel, (6, 5, 3)),
     "transformer": (_Transformer, None),
     "attention_masked": (lambda: _Transformer(masked=True), None),
+    "attention_causal": (lambda: _Attention("causal"), (6, 5, 4)),
+    "attention_boolean": (lambda: _Attention("boolean"), (6, 5, 4)),
+    "attention_per_head": (lambda: _Attention("per_head"), (6, 5, 4)),
+    "attention_cross": (lambda: _Attention("cross"), (6, 5, 4)),
 }
 
 
@@ -159,7 +204,11 @@ def _count_fallbacks(monkeypatch):
         ("custom_layer", 1),
         ("tied", 1),
         ("transformer", 0),
-        ("attention_masked", 4),
+        ("attention_masked", 0),
+        ("attention_causal", 0),
+        ("attention_boolean", 0),
+        ("attention_per_head", 0),
+        ("attention_cross", 4),  # cross-attention has no closed form: its 4 parameters
     ],
 )
 def test_closed_forms_are_used_and_only_the_rest_falls_back(monkeypatch, name, n_fallback):

@@ -31,7 +31,7 @@ class _ModulePart:
     def __init__(
         self,
         module: nn.Module,
-        pairs: list[tuple[Tensor, Tensor]],
+        pairs: list[tuple[Tensor, ...]],
         rules: dict[int, PerSample],
     ) -> None:
         self.module, self.pairs, self.rules = module, pairs, rules
@@ -40,6 +40,12 @@ class _ModulePart:
         """A rank-independent name of the module: the index of its first parameter in ``params``."""
         own = {id(p) for p in self.module.parameters(recurse=False)}
         return min(k for k, p in enumerate(params) if id(p) in own)
+
+    @property
+    def replayable(self) -> bool:
+        """Whether other parts can replay the calls from their inputs and output gradients alone
+        (not calls with a context, such as attention's masks: those send per-sample rows)."""
+        return all(len(pair) == 2 for pair in self.pairs)
 
     def structure(self) -> tuple[Any, ...]:
         """The shapes (batch size excluded) and dtypes of the calls, which ranks must share."""
@@ -89,7 +95,9 @@ class SamplePart:
     def signature(self, params: Sequence[Tensor]) -> tuple[Any, ...]:
         """What other ranks must know of this part to exchange pieces with it (no tensors)."""
         modules = {
-            part.key(params): (part.structure(), tuple(sorted(part.rules))) for part in self.modules
+            part.key(params): (part.structure(), tuple(sorted(part.rules)))
+            for part in self.modules
+            if part.replayable
         }
         return (self.m, tuple(self.codes()), modules)
 

@@ -122,8 +122,9 @@ def _sequence(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
-Calls = list[tuple[Tensor, Tensor]]
-"""The ``(input, output gradient)`` pairs of every call of a module during one forward pass."""
+Calls = list[tuple[Tensor, ...]]
+"""The ``(input, output gradient)`` pairs of every call of a module during one forward pass
+(followed by the call's context, for attention: its masks)."""
 
 
 def _linear(module: nn.Linear, calls: Calls) -> dict[str, PerSample]:
@@ -212,9 +213,9 @@ def _group_norm(module: nn.GroupNorm, calls: Calls) -> dict[str, PerSample]:
 
 def _self_attention(module: nn.MultiheadAttention, calls: Calls) -> dict[str, PerSample]:
     """Both projections of self-attention (see :mod:`jdoptim.engine._attention`)."""
-    replayed = [attention.projections(module, x, g) for x, g in calls]
-    x = torch.cat([x for x, _ in calls], dim=1)
-    g = torch.cat([g for _, g in calls], dim=1)
+    replayed = [attention.projections(module, *call) for call in calls]  # (x, g, *masks)
+    x = torch.cat([call[0] for call in calls], dim=1)
+    g = torch.cat([call[1] for call in calls], dim=1)
     o = torch.cat([r[0] for r in replayed], dim=1)
     g_qkv = torch.cat([r[1] for r in replayed], dim=1)
     rules = _weight_and_bias(x, g_qkv, module.in_proj_weight, module.in_proj_bias, "in_proj_")

@@ -69,7 +69,7 @@ class PerSampleEngine:
         modules: Sequence[nn.Module] | None = None,
     ) -> None:
         self._fallback = JacobianEngine(parallel_chunk_size)
-        self._recorder = Recorder(params, _recorded, attention.replayable, modules)
+        self._recorder = Recorder(params, _recorded, attention.replay, modules)
         self.check_every = check_every
         self._steps = 0
 
@@ -233,7 +233,7 @@ def _module_parts(
     unscale: float,
 ) -> list[_ModulePart]:
     """The closed forms of the explained parameters, from the recorded inputs and gradients."""
-    pairs: dict[nn.Module, list[tuple[Tensor, Tensor]]] = {}
+    pairs: dict[nn.Module, list[tuple[Tensor, ...]]] = {}  # (x, g, *the call's context)
     for (module, _, record), g in zip(edges, out_grads, strict=True):
         dtype = compute_dtype(next(module.parameters()).dtype)
         if g is None:  # an output that the losses reach with a zero gradient
@@ -241,7 +241,7 @@ def _module_parts(
         x = record.input
         x = x.to(dtype) if x.is_floating_point() else x
         g = g.to(dtype) if unscale == 1.0 else g.to(dtype) / unscale
-        pairs.setdefault(module, []).append((x, g))
+        pairs.setdefault(module, []).append((x, g, *record.context))
     parts = []
     with torch.no_grad():
         for module, (_, ks) in closed.items():

@@ -31,16 +31,24 @@ from torch.utils.hooks import RemovableHandle
 
 class Record:
     """One module call: the module, its detached first input (and the input's version at the
-    call), where its output sits among the outputs of its graph node, and whether the engine's
-    rule can replay the call from that input (``usable``)."""
+    call), where its output sits among the outputs of its graph node, and what else the engine's
+    rule needs to replay the call from that input (``context``, e.g. attention's masks; ``None``
+    when the call cannot be replayed)."""
 
-    __slots__ = ("input", "module", "output_nr", "shape", "usable", "version")
+    __slots__ = ("context", "input", "module", "output_nr", "shape", "version")
 
-    def __init__(self, module: nn.Module, input: Any, output: Tensor, usable: bool) -> None:
-        self.module, self.usable = module, usable
+    def __init__(
+        self, module: nn.Module, input: Any, output: Tensor, context: tuple[Any, ...] | None
+    ) -> None:
+        self.module, self.context = module, context
         self.input = input.detach() if isinstance(input, Tensor) else input
         self.version = input._version if isinstance(input, Tensor) else 0
         self.output_nr, self.shape = output.output_nr, output.shape
+
+    @property
+    def usable(self) -> bool:
+        """Whether the engine's rule can replay the call."""
+        return self.context is not None
 
     def intact(self) -> bool:
         """Whether the input was not modified in place since the call."""
@@ -96,9 +104,10 @@ class Recorder:
         :meth:`refresh` (after ``add_param_group``).
     accepts:
         Whether a module owning some of the parameters is recorded.
-    usable:
-        Whether a call ``(module, args, kwargs)`` can be replayed from its first input (judged
-        at the call, where the arguments' identities are known).
+    replay:
+        What a call ``(module, args, kwargs)`` needs besides its first input to be replayed
+        (a tuple, kept in its :class:`Record`), or ``None`` when it cannot be (judged at the
+        call, where the arguments' identities are known).
     roots:
         The modules whose trees hold the owners, held weakly (``None``: a heap scan finds
         them).
@@ -121,12 +130,12 @@ class Recorder:
         self,
         params: Callable[[], list[Tensor]],
         accepts: Callable[[nn.Module], bool],
-        usable: Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], bool] = (
-            lambda module, args, kwargs: True
+        replay: Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], tuple[Any, ...] | None] = (
+            lambda module, args, kwargs: ()
         ),
         roots: Sequence[nn.Module] | None = None,
     ) -> None:
-        self._params, self._accepts, self._usable = params, accepts, usable
+        self._params, self._accepts, self._replay = params, accepts, replay
         # Held weakly: the optimizer does not keep the model alive, nor pickle or copy it.
         self._roots = None if roots is None else [weakref.ref(m) for m in roots]
         self.key = object()  # this recorder's entry in the graph nodes' metadata
@@ -165,7 +174,7 @@ class Recorder:
             output = output[0]
         if not args or not isinstance(output, Tensor) or output.grad_fn is None:
             return
-        record = Record(module, args[0], output, self._usable(module, args, kwargs))
+        record = Record(module, args[0], output, self._replay(module, args, kwargs))
         output.grad_fn.metadata.setdefault(self.key, []).append(record)
 
 
