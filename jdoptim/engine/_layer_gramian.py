@@ -38,7 +38,7 @@ from torch.autograd.graph import GradientEdge
 from jdoptim.engine._assembly import NonFiniteGramianError
 from jdoptim.engine._graph import GraphWalk
 from jdoptim.engine._jacobian import JacobianEngine
-from jdoptim.engine._recording import Record, Recorder
+from jdoptim.engine._recording import HookedEngine, Record, Recorder
 from jdoptim.engine._reduce import total
 from jdoptim.engine._scaled import (
     ScaledRows,
@@ -100,7 +100,7 @@ def _plain_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
 
 
-class LayerGramianEngine:
+class LayerGramianEngine(HookedEngine):
     """Record ``nn.Linear`` calls owning aggregated parameters; Gramian steps for any losses.
 
     Parameters
@@ -130,24 +130,6 @@ class LayerGramianEngine:
     ) -> None:
         self._fallback = JacobianEngine(parallel_chunk_size)
         self._recorder = Recorder(params, _plain_linear, roots=modules)
-
-    def refresh(self) -> None:
-        """Hook the modules of the current parameters (after ``add_param_group``)."""
-        self._recorder.refresh()
-
-    def remove_hooks(self) -> None:
-        """Remove the forward hooks; every parameter is then differentiated by batched VJPs."""
-        self._recorder.remove()
-
-    def __getstate__(self) -> dict[str, object]:
-        return {
-            "params": self._recorder._params,
-            "chunk": self._fallback.parallel_chunk_size,
-            "modules": None,  # a copy scans: it may hold a copy of the model, or none
-        }
-
-    def __setstate__(self, state: dict[str, object]) -> None:
-        self.__init__(state["params"], state["chunk"], state["modules"])  # type: ignore[misc]
 
     def gramian_step(
         self,
