@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
 
-from jdoptim.engine._assembly import NonFiniteGramianError
+from jdoptim.engine._assembly import checked_weights
 from jdoptim.engine._graph import GraphWalk
 from jdoptim.engine._jacobian import JacobianEngine
 from jdoptim.engine._recording import HookedEngine, Record, Recorder
@@ -237,9 +237,7 @@ def layer_step(
         if not blocks:  # only parameters in summed_only are reached
             raise ValueError("the losses do not depend on any of the shared_params")
         gram = total(blocks)
-        if not bool(torch.isfinite(gram).all()):
-            raise NonFiniteGramianError("the gradients hold NaN or inf")
-        weights = weights_from_gramian(gram).to(torch.float64)
+        weights = checked_weights(gram, weights_from_gramian, "the gradients")
         updates: dict[int, Tensor] = {}
         for call in calls:
             updates.update(call.updates(weights))
