@@ -36,6 +36,8 @@ class JacobianOptimizer(Optimizer):
     one update with ``aggregator``, writes that update into ``.grad`` and runs the wrapped
     optimizer's ``step``. Learning-rate schedulers, ``GradScaler``, checkpoints and step hooks see
     an ordinary optimizer: ``param_groups``, ``state`` and ``defaults`` are the wrapped optimizer's.
+    A failed ``backward`` or ``step`` changes nothing; parameters listed twice, of several dtypes
+    or with sparse gradients: :ref:`optimizer-parameters`.
 
     Parameters
     ----------
@@ -87,12 +89,6 @@ class JacobianOptimizer(Optimizer):
         An argument of the wrong type (an aggregator class, a ``JacobianOptimizer`` to wrap).
     ValueError
         An invalid value, or options that do not go together; the message names them.
-
-    Notes
-    -----
-    A failed ``backward`` or ``step`` leaves the parameters, ``.grad``, ``.jac`` and the inner and
-    aggregator states as they were; parameters listed twice, of several dtypes or with sparse
-    gradients: :ref:`optimizer-parameters`.
 
     Examples
     --------
@@ -273,10 +269,9 @@ class JacobianOptimizer(Optimizer):
         >>> from jdoptim import JacobianOptimizer
         >>> model = torch.nn.Linear(3, 2)
         >>> opt = JacobianOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
-        >>> x, y = torch.randn(8, 3), torch.randn(8, 2)
-        >>> for xs, ys in zip(x.split(4), y.split(4)):  # two micro-batches of 4 samples
-        ...     last = xs is x.split(4)[-1]
-        ...     _ = opt.backward(((model(xs) - ys) ** 2).mean(dim=0), accumulate=not last)
+        >>> x, y = torch.randn(8, 3), torch.randn(8, 2)  # two micro-batches of 4 samples
+        >>> _ = opt.backward(((model(x[:4]) - y[:4]) ** 2).mean(dim=0), accumulate=True)
+        >>> _ = opt.backward(((model(x[4:]) - y[4:]) ** 2).mean(dim=0))  # aggregates once
         >>> opt.step()
         """
         if not isinstance(accumulate, bool):
@@ -312,11 +307,8 @@ class JacobianOptimizer(Optimizer):
             self.gramian_engine.remove_hooks()
 
     def state_dict(self) -> dict[str, Any]:
-        """The wrapped optimizer's ``state_dict`` plus one ``"jdoptim"`` key (aggregator state).
-
-        DCP's ``get_optimizer_state_dict`` keeps only ``"state"`` and ``"param_groups"``: when
-        using it, checkpoint a stateful aggregator's ``state_dict()`` separately.
-        """
+        """The wrapped optimizer's ``state_dict`` plus one ``"jdoptim"`` key (aggregator state),
+        which DCP's ``get_optimizer_state_dict`` drops: save a stateful aggregator's apart."""
         return state_dict_of(self, self.optimizer, self.aggregator)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
