@@ -11,20 +11,15 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from jdoptim._aggregator_state import load_state_dict_into, state_dict_of
-from jdoptim._distributed import resolve_group
-from jdoptim._path import Setup, autocast_off
-from jdoptim._path._engines import gramian_engine_for, trainable
-from jdoptim._scalarized import check_scalarizer_options, path_for
+from jdoptim._path import autocast_off
+from jdoptim._path._engines import trainable
+from jdoptim._path._options import CONFIGURATION, configure, fresh, setup_of
 from jdoptim._validation import (
     check_closure_losses,
-    check_options,
     detached_losses,
     explaining_backpropagated_losses,
 )
-from jdoptim.aggregation import UPGrad
-from jdoptim.diagnostics import StepRecord, StepRecordHooks
-from jdoptim.engine import JacobianEngine
-from jdoptim.scalarization import Scalarizer
+from jdoptim.diagnostics import StepRecord
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -41,6 +36,8 @@ class JacobianOptimizer(Optimizer):
     one update with ``aggregator``, writes that update into ``.grad`` and runs the wrapped
     optimizer's ``step``. Learning-rate schedulers, ``GradScaler``, checkpoints and step hooks see
     an ordinary optimizer: ``param_groups``, ``state`` and ``defaults`` are the wrapped optimizer's.
+    A failed ``backward`` or ``step`` changes nothing; parameters listed twice, of several dtypes
+    or with sparse gradients: :ref:`optimizer-parameters`.
 
     Parameters
     ----------
@@ -49,81 +46,49 @@ class JacobianOptimizer(Optimizer):
     aggregator:
         Maps ``J`` to the update; :class:`~jdoptim.aggregation.UPGrad` by default. Any callable
         ``[m, n] -> [n]`` works; a :class:`~jdoptim.aggregation.GramianWeightedAggregator` lets the
-        engine work from the Gramian ``J Jᵀ`` block by block. A
-        :class:`~jdoptim.scalarization.Scalarizer` instead combines the losses (as returned)
-        into one scalar and runs one plain ``backward()``, so one training loop compares
-        gradient-combining and loss-combining methods; its state is in :meth:`state_dict`, its
-        per-step updates stay the user's calls (second example), and ``shared_params``,
-        ``batch_dim``, ``path`` and ``accumulate=True`` need an aggregator.
+        engine work from the Gramian ``J Jᵀ``. A :class:`~jdoptim.scalarization.Scalarizer`
+        combines the losses into one scalar for one plain ``backward()`` instead
+        (:ref:`optimizer-scalarizers`).
     shared_params:
         If given, the Jacobian is taken only w.r.t. these parameters (a shared trunk); every other
         parameter gets the plain gradient of the summed losses (task-specific heads).
     grad_scaler:
-        The ``torch.amp.GradScaler`` of a mixed-precision loop. Pass ``scaler.scale(losses)`` to
-        :meth:`backward`: the Jacobian is unscaled before aggregation and ``.grad`` is written at
-        the scaled level, so ``scaler.step(opt)`` applies the exact fp32 aggregation for every
-        aggregator. On overflow ``.grad`` is made non-finite: the scaler skips the step.
+        The ``torch.amp.GradScaler`` of a mixed-precision loop: pass ``scaler.scale(losses)`` to
+        :meth:`backward`, then ``scaler.step(opt)`` applies the exact fp32 aggregation (the
+        Jacobian is unscaled before it); on overflow ``.grad`` is made non-finite: it skips.
     parallel_chunk_size:
         Number of Jacobian rows computed per batched backward pass (``None``: all at once).
     batch_dim:
         ``0`` declares per-sample losses: loss ``i`` depends only on sample ``i`` (row ``i`` of
-        every batched tensor, batch first). With an aggregator that needs only the Gramian, a step
-        then costs one forward and one backward: per-layer Gramians in closed form (``Linear``,
-        ``Conv1d``, ``Conv2d``, ``Embedding``, ``LayerNorm``, ``GroupNorm``), batched VJPs for
-        the other parameters. Forward hooks on the modules that own this optimizer's parameters
-        record each call in the graph of its output; they go with the optimizer or
-        :meth:`remove_hooks` (see :doc:`/performance`). Losses that mix samples are rejected
-        with an explanation (``BatchNorm`` in training mode, and ``mixing_check_every``).
+        every batched tensor). With a Gramian aggregator a step then costs one forward and one
+        backward, through forward hooks on the modules that own the parameters.
     path:
-        ``"auto"`` (default): with ``batch_dim``, the per-sample engine above; with
-        ``shared_params`` and an aggregator that needs only the Gramian, the layer-Gramian engine
-        (one batched backward of data gradients, each ``nn.Linear`` of the trunk in kernel form,
-        found by the same hooks); otherwise the Jacobian engine (batched VJPs w.r.t. the
-        parameters, no hook). ``"jacobian"`` forces the Jacobian engine; ``"gramian"`` a Gramian
-        engine (layer-Gramian over all parameters without ``shared_params``) and needs a
-        :class:`~jdoptim.aggregation.GramianWeightedAggregator`. Every path is exact.
+        ``"auto"`` (default): the cheapest exact engine (:ref:`choosing-the-engine`);
+        ``"jacobian"``: batched VJPs, no hook; ``"gramian"``: a Gramian engine, which needs a
+        :class:`~jdoptim.aggregation.GramianWeightedAggregator`.
     cross_rank:
-        How the loss vectors of several ranks (when ``torch.distributed`` is initialised with more
-        than one process) and of several micro-batches (``backward(..., accumulate=True)``)
-        form one global loss vector. ``"mean"``: their mean (each rank estimates the same ``m``
-        objectives, as DDP averages gradients); the Jacobian blocks are averaged with one
-        ``all_reduce``, or the Gramian engines gather the per-layer inputs and output gradients
-        and form the mean Jacobian's Gramian from them. ``"concat"``: their concatenation, rank
-        by rank (one loss per sample of the global batch); the Jacobian rows are gathered, or
-        with ``batch_dim=0`` only the per-layer inputs and output gradients (the layer-Gramian
-        engine falls back to the Jacobian path). ``None`` (default): ``"concat"`` with
-        ``batch_dim=0``, ``"mean"`` otherwise. Every rank then runs the same aggregation and
-        writes the same ``.grad``; ``step`` and ``backward`` return the local losses. After
-        each exchange, ``cross_rank_bytes`` holds the bytes this rank sent. See
-        :doc:`/distributed`.
-    process_group:
-        The ranks that exchange: a ``torch.distributed`` ``ProcessGroup`` (from ``new_group``) or
-        a 1-D ``DeviceMesh``; ``None`` (default): every process. Each process must belong to its
-        optimizer's group. Under FSDP2 (``fully_shard``) the ranks of the parameters' mesh
-        exchange; a ``process_group`` given there must be that mesh's group.
+        How the loss vectors of several ranks and of micro-batches (``accumulate=True``) form one
+        global loss vector: their mean (``"mean"``) or their concatenation (``"concat"``);
+        ``None`` (default): ``"concat"`` with ``batch_dim=0``, ``"mean"`` otherwise
+        (:ref:`cross-rank-modes`).
     mixing_check_every:
-        With ``batch_dim=0``: one more backward pass, of a random positive weighting of the
-        losses, checks that they do not mix samples (batch-centred outputs, softmax or attention
-        across the batch) and raises ``SampleMixingError`` otherwise, on the first per-sample
-        backward and then every ``mixing_check_every`` of them (each micro-batch counts);
-        ``None``: never. It costs one backward pass when it runs (see :doc:`/performance`).
+        With ``batch_dim=0``: one more backward pass, on the first per-sample backward and then
+        every ``mixing_check_every`` of them, checks that the losses do not mix samples
+        (:ref:`sample-mixing`); ``None``: never.
     module:
-        The model that holds the parameters, for the Gramian engines' hooks: the modules that
-        own the optimizer's parameters are then found by walking ``module.modules()``. Without
-        it they are found by a scan of the garbage collector's referrers, once at construction
-        and at each ``add_param_group`` (tens to hundreds of ms, growing with the number of
-        live Python objects: see :doc:`/performance`). It is held weakly: neither kept alive
-        nor copied or pickled with the optimizer (a copy finds its owners by the scan).
+        The model that holds the parameters, where the Gramian engines find the modules that own
+        them; without it, a slower scan of the garbage collector's referrers (:ref:`owned-hooks`).
+        Held weakly: neither kept alive nor copied or pickled with the optimizer.
+    process_group:
+        The ranks that exchange: a ``ProcessGroup`` or a 1-D ``DeviceMesh``; ``None`` (default):
+        every process. Under FSDP2, the parameters' mesh (:ref:`fsdp2`).
 
-    Notes
-    -----
-    A parameter listed twice (torch warns) is differentiated and written once. Parameters of
-    several dtypes share one Gramian, accumulated in their promoted dtype (``float64`` for
-    ``float32`` and ``float64``); each ``.grad`` is written in its parameter's dtype. Sparse
-    gradients (``nn.Embedding(sparse=True)``) are supported with ``batch_dim=0``; elsewhere an
-    error names the parameter before anything is touched. A ``backward`` that raises, and a
-    ``step`` whose closure, aggregation or wrapped step raises before updating, leave the
-    parameters, ``.grad``, ``.jac`` and the inner and aggregator states as they were.
+    Raises
+    ------
+    TypeError
+        An argument of the wrong type (an aggregator class, a ``JacobianOptimizer`` to wrap).
+    ValueError
+        An invalid value, or options that do not go together; the message names them.
 
     Examples
     --------
@@ -139,15 +104,6 @@ class JacobianOptimizer(Optimizer):
     >>> losses = opt.step(closure)
     >>> losses.shape
     torch.Size([2])
-
-    The same loop with a scalarizer, FAMO here, and its update after each step:
-
-    >>> from jdoptim.scalarization import FAMO
-    >>> famo = FAMO(2)
-    >>> opt = JacobianOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), famo)
-    >>> losses = opt.step(closure)
-    >>> with torch.no_grad():
-    ...     famo.update(closure())  # the same batch, after the step
     """
 
     def __init__(
@@ -167,46 +123,22 @@ class JacobianOptimizer(Optimizer):
     ) -> None:
         if isinstance(optimizer, JacobianOptimizer):
             raise TypeError("optimizer is already a JacobianOptimizer: do not wrap it twice")
-        aggregator = UPGrad() if aggregator is None else aggregator
-        if isinstance(aggregator, Scalarizer):
-            check_scalarizer_options(shared_params, batch_dim, path)
-        shared, cross_rank = check_options(
+        configuration = configure(
             optimizer,
             aggregator,
             shared_params,
             grad_scaler,
+            parallel_chunk_size,
             batch_dim,
             path,
             cross_rank,
             mixing_check_every,
             module,
+            process_group,
         )
-        group = resolve_group(process_group)
         # Initialise like every Optimizer (hook dicts, patched step) without a second copy of
         # the parameter groups: those live in the wrapped optimizer.
-        Optimizer.__setstate__(
-            self,
-            {
-                "optimizer": optimizer,
-                "aggregator": aggregator,
-                "shared_params": shared,
-                "grad_scaler": grad_scaler,
-                "engine": JacobianEngine(parallel_chunk_size),
-                "gramian_engine": gramian_engine_for(
-                    optimizer,
-                    aggregator,
-                    shared,
-                    batch_dim,
-                    path,
-                    parallel_chunk_size,
-                    mixing_check_every,
-                    module,
-                ),
-                "cross_rank": cross_rank,
-                "process_group": group,
-                **_fresh(aggregator),
-            },
-        )
+        Optimizer.__setstate__(self, configuration)
 
     # The data model of the wrapped optimizer, shared by reference.
     @property
@@ -222,17 +154,8 @@ class JacobianOptimizer(Optimizer):
         return self.optimizer.defaults
 
     def __getstate__(self) -> dict[str, Any]:
-        return {
-            "optimizer": self.optimizer,
-            "aggregator": self.aggregator,
-            "shared_params": self.shared_params,
-            "grad_scaler": self.grad_scaler,
-            "engine": self.engine,
-            "gramian_engine": self.gramian_engine,
-            "cross_rank": self.cross_rank,
-            "process_group": self.process_group,
-            **_fresh(self.aggregator),  # copies and pickles keep no micro-batches, no hooks
-        }
+        # Copies and pickles keep the configuration, but no micro-batches and no hooks.
+        return {name: getattr(self, name) for name in CONFIGURATION} | fresh(self.aggregator)
 
     def __repr__(self) -> str:
         return (
@@ -269,9 +192,6 @@ class JacobianOptimizer(Optimizer):
         """
         return self._step_record_hooks.register(hook)
 
-    def _params(self) -> list[Tensor]:
-        return trainable(self.optimizer)
-
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Compute the losses with ``closure``, write the aggregated ``.grad`` and step.
 
@@ -279,12 +199,9 @@ class JacobianOptimizer(Optimizer):
         ----------
         closure:
             Re-evaluates the model and returns the losses: a tensor of any shape (flattened) or a
-            list/tuple of scalar tensors. It usually calls :meth:`zero_grad` first. It is called
-            exactly once, with grad enabled. Without a closure, ``.grad`` must already hold the
-            update (see :meth:`backward`) and only the wrapped optimizer's step runs. The same
-            holds when :meth:`backward` wrote ``.grad`` inside the closure, or before a closure
-            that returns ``None`` (Lightning's ``step()`` passes such a closure). A closure that
-            calls ``loss.backward()`` itself is an error that says what to do.
+            list/tuple of scalar tensors; called once, with grad enabled. Without a closure (or
+            after :meth:`backward` wrote ``.grad``: :ref:`optimizer-closures`), only the wrapped
+            optimizer's step runs, on ``.grad``.
 
         Returns
         -------
@@ -295,7 +212,7 @@ class JacobianOptimizer(Optimizer):
             self.optimizer.step()
             self._grad_written = False
             return None
-        params = self._params()
+        params = trainable(self.optimizer)
         saved_grads = [p.grad for p in params]
         written_before, self._grad_written = self._grad_written, False
         weighed = False
@@ -336,13 +253,10 @@ class JacobianOptimizer(Optimizer):
         losses:
             A tensor of any shape (flattened) or a list/tuple of scalar tensors.
         accumulate:
-            ``True`` keeps this micro-batch's Jacobian (or, with ``batch_dim=0``, its per-layer
-            pieces) and writes nothing; the next call without ``accumulate`` (or :meth:`step`
-            with a closure) combines every kept micro-batch with its own losses as
-            ``cross_rank`` says (``"mean"``: the mean of the loss vectors; ``"concat"``: the rows
-            stacked in call order), aggregates once and writes ``.grad``. ``zero_grad`` keeps
-            what was accumulated; ``state_dict`` does not; a call that raises drops it. See
-            :doc:`/distributed`.
+            ``True`` keeps this micro-batch's part and writes nothing; the next call without it
+            (or :meth:`step` with a closure) combines the kept micro-batches with its own as
+            ``cross_rank`` says, aggregates once and writes ``.grad``
+            (:ref:`gradient-accumulation`).
 
         Returns
         -------
@@ -355,26 +269,17 @@ class JacobianOptimizer(Optimizer):
         >>> from jdoptim import JacobianOptimizer
         >>> model = torch.nn.Linear(3, 2)
         >>> opt = JacobianOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
-        >>> x, y = torch.randn(8, 3), torch.randn(8, 2)
-        >>> for xs, ys in zip(x.split(4), y.split(4)):  # two micro-batches of 4 samples
-        ...     last = xs is x.split(4)[-1]
-        ...     _ = opt.backward(((model(xs) - ys) ** 2).mean(dim=0), accumulate=not last)
+        >>> x, y = torch.randn(8, 3), torch.randn(8, 2)  # two micro-batches of 4 samples
+        >>> _ = opt.backward(((model(x[:4]) - y[:4]) ** 2).mean(dim=0), accumulate=True)
+        >>> _ = opt.backward(((model(x[4:]) - y[4:]) ** 2).mean(dim=0))  # aggregates once
         >>> opt.step()
         """
         if not isinstance(accumulate, bool):
             raise TypeError(f"accumulate must be a bool, got {type(accumulate).__name__}")
-        params = self._params()
+        params = trainable(self.optimizer)
         if not params:
             raise ValueError("the wrapped optimizer holds no parameter that requires grad")
-        setup = Setup(
-            engine=self.engine,
-            gramian_engine=self.gramian_engine,
-            aggregator=self.aggregator,
-            shared=self.shared_params,
-            cross_rank=self.cross_rank,
-            scaler=self.grad_scaler,
-            process_group=self.process_group,
-        )
+        setup = setup_of(self)
         records = self._step_record_hooks.watching(self, self._path, not accumulate, setup.scale)
         with autocast_off(), records:
             vector = self._path.backward(losses, params, setup, accumulate)
@@ -385,7 +290,7 @@ class JacobianOptimizer(Optimizer):
         """Reset the gradients of the wrapped optimizer and delete any ``.jac`` left on them."""
         self.optimizer.zero_grad(set_to_none=set_to_none)
         self._grad_written = False
-        for p in self._params():
+        for p in trainable(self.optimizer):
             if hasattr(p, "jac"):
                 del p.jac
 
@@ -402,24 +307,10 @@ class JacobianOptimizer(Optimizer):
             self.gramian_engine.remove_hooks()
 
     def state_dict(self) -> dict[str, Any]:
-        """The wrapped optimizer's ``state_dict`` plus one ``"jdoptim"`` key (aggregator state).
-
-        ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` keeps only
-        ``"state"`` and ``"param_groups"``: the ``"jdoptim"`` key is dropped there, so checkpoint a
-        stateful aggregator's ``state_dict()`` separately when using DCP.
-        """
+        """The wrapped optimizer's ``state_dict`` plus one ``"jdoptim"`` key (aggregator state),
+        which DCP's ``get_optimizer_state_dict`` drops: save a stateful aggregator's apart."""
         return state_dict_of(self, self.optimizer, self.aggregator)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a state returned by :meth:`state_dict` (strictly: every key must match)."""
         load_state_dict_into(self, self.optimizer, self.aggregator, state_dict)
-
-
-def _fresh(aggregator: object) -> dict[str, Any]:
-    """What a new optimizer, a copy and an unpickled one start from: no kept micro-batches, no
-    step-record hooks, no ``.grad`` written."""
-    return {
-        "_path": path_for(aggregator),  # kept micro-batches, the last step's record
-        "_step_record_hooks": StepRecordHooks(),
-        "_grad_written": False,  # by backward(), since the last step or zero_grad
-    }

@@ -147,3 +147,33 @@ def test_a_wrapped_step_that_raises_restores_grad_and_the_aggregator_state():
     with pytest.raises(TypeError, match="closure"):
         opt.step(lambda: _losses(model))
     _assert_same(before, _snapshot(model, opt))
+
+
+class _NaNGradient(torch.autograd.Function):
+    """The identity, whose backward returns NaN: the losses are finite, their gradients are not."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return torch.full_like(grad, float("nan"))
+
+
+@pytest.mark.parametrize(
+    ("route", "what"), [("samples", "per-sample "), ("layers", "")], ids=["samples", "layers"]
+)
+def test_non_finite_gradients_raise_before_the_weighting_sees_them(route, what):
+    """A Gramian engine checks its Gramian itself: the error names the gradients, the weighting
+    never receives a NaN Gramian, and nothing changes."""
+    kwargs, _ = ROUTES[route]
+    model, opt = _prepared(GramianWeightedAggregator(_CountingWeighting(poison_at=99)), kwargs)
+    seen = []
+    opt.aggregator.gramian_weighting.register_forward_pre_hook(lambda _, args: seen.append(args))
+    before = _snapshot(model, opt)
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(5))
+    with pytest.raises(ValueError, match=f"the {what}gradients hold NaN or inf"):
+        opt.backward(_NaNGradient.apply(model(x)).pow(2).sum(dim=1))
+    assert seen == []
+    _assert_same(before, _snapshot(model, opt))

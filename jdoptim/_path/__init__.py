@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from jdoptim._distributed import current_exchange
-from jdoptim._fsdp import is_sharded, shard_group
+from jdoptim._fsdp import is_sharded, shard_group, unsharded
 from jdoptim._path._collect import Setup, choose_route, collect
 from jdoptim._path._combine import Parts, new_parts
 from jdoptim._path._sharded import ShardedParts
@@ -73,13 +73,14 @@ class Path:
         params = list(params)
         sharded = is_sharded(params)  # FSDP2: exchange over the shards' mesh, by shards
         group = shard_group(params, setup.process_group) if sharded else setup.process_group
+        leaves = unsharded(params) if sharded else None  # FSDP2: the graph's leaves, read once
         exchange = current_exchange(group)
         pending, self.pending = self.pending, None
         combined = exchange is not None or accumulate or pending is not None
         route = "sharded" if sharded else choose_route(setup, combined)
         summed_only = _summed_only(params, setup.shared)
         if pending is None and sharded:
-            pending = ShardedParts(params, setup.cross_rank, summed_only, setup.aggregator)
+            pending = ShardedParts(params, leaves, setup.cross_rank, summed_only, setup.aggregator)
         elif pending is None:
             pending = new_parts(route, setup.cross_rank, params, summed_only)
         elif pending.route != route:
@@ -93,7 +94,7 @@ class Path:
                 # Under an enabled GradScaler, non-finite losses are an overflow: the scaler skips.
                 vector = as_loss_vector(losses, check_finite=scale is None)
                 if not sharded:
-                    pending.add(collect(route, vector, params, setup, summed_only, scale))
+                    pending.add(collect(route, vector, params, setup, summed_only, scale, leaves))
         except Exception as e:
             if exchange is None or (accumulate and not sharded):
                 raise
@@ -102,7 +103,7 @@ class Path:
             if exchange is not None:
                 exchange.agree(None, error)
             with torch.enable_grad():
-                pending.add(collect(route, vector, params, setup, summed_only, scale))
+                pending.add(collect(route, vector, params, setup, summed_only, scale, leaves))
         if accumulate:
             self.pending = pending
             return vector.detach()  # type: ignore[union-attr]

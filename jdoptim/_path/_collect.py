@@ -30,7 +30,6 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from jdoptim._fsdp import unsharded
 from jdoptim._validation import check_dense_gradients
 from jdoptim.aggregation import GramianWeightedAggregator
 from jdoptim.engine import JacobianEngine, PerSampleEngine
@@ -89,14 +88,16 @@ def collect(
     setup: Setup,
     summed_only: frozenset[int],
     scale: float | None,
+    leaves: list[Tensor] | None,
 ) -> Any:
     """Differentiate ``losses`` along ``route``: a ``JacobianPart``, ``SamplePart`` or
-    ``LayerPieces``, divided by ``scale``."""
+    ``LayerPieces``, divided by ``scale``; under FSDP2, w.r.t. ``leaves`` (the unsharded
+    parameters the forward used, one per parameter)."""
     engine = setup.gramian_engine
     unscale = 1.0 if scale is None else scale
     if route == "samples":
         return engine.collect(losses, params, summed_only=summed_only, unscale=unscale)
-    inputs = unsharded(params) if route == "sharded" else params  # FSDP2: the graph's leaves
+    inputs = params if leaves is None else leaves
     check_dense_gradients(losses, inputs)
     if route == "layers":
         return engine.pieces(losses, params, summed_only=summed_only, unscale=unscale)

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from jdoptim._distributed import Exchange
-from jdoptim._fsdp import as_shard, local, shard_sizes, unsharded
+from jdoptim._fsdp import as_shard, local, shard_sizes
 from jdoptim._path._collect import JacobianPart, Mode
 from jdoptim._path._combine import Failure, JacobianParts, Updates, filled
 from jdoptim._path._weigh import Weigh
@@ -42,6 +42,8 @@ class ShardedParts:
     ----------
     params:
         The sharded parameters (``DTensor``), in the order of the blocks.
+    leaves:
+        Their unsharded parameters, which FSDP2's forward used (:func:`jdoptim._fsdp.unsharded`).
     mode:
         ``"mean"`` or ``"concat"``.
     summed_only:
@@ -55,6 +57,7 @@ class ShardedParts:
     def __init__(
         self,
         params: Sequence[Tensor],
+        leaves: Sequence[Tensor],
         mode: Mode,
         summed_only: frozenset[int],
         aggregator: Callable[[Tensor], Tensor],
@@ -68,7 +71,7 @@ class ShardedParts:
         self.params = list(params)
         self.mode = mode
         self.summed = [id(p) in summed_only for p in self.params]
-        self.local = JacobianParts(unsharded(self.params), mode, self.summed)
+        self.local = JacobianParts(leaves, mode, self.summed)
 
     def add(self, part: JacobianPart) -> None:
         """Keep the blocks of one micro-batch."""

@@ -32,7 +32,10 @@ Subclasses call ``super().__init__()`` first, as every ``nn.Module``.
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextvars import ContextVar
 
 import torch
 from torch import Tensor
@@ -47,8 +50,25 @@ __all__ = [
     "Weighting",
     "check_gramian",
     "check_matrix",
+    "checked_finite",
     "gramian_of",
 ]
+
+# The matrix (with its version) whose entries the caller has just found finite: see checked_finite.
+_FINITE: ContextVar[tuple[Tensor, int] | None] = ContextVar("_FINITE", default=None)
+
+
+@contextlib.contextmanager
+def checked_finite(matrix: Tensor) -> Iterator[None]:
+    """Within the block, :func:`check_matrix` does not read ``matrix`` again for NaN and inf:
+    the caller has just checked it (this tensor, while unmodified in place; any other tensor is
+    checked as usual). The Gramian engines check their Gramian once, with their own error, then
+    hand it to the aggregator and its weighting, which would each check it again."""
+    token = _FINITE.set((matrix, matrix._version))
+    try:
+        yield
+    finally:
+        _FINITE.reset(token)
 
 
 def check_matrix(matrix: Tensor) -> None:
@@ -59,6 +79,9 @@ def check_matrix(matrix: Tensor) -> None:
         raise ValueError(f"expected a matrix of shape [m, n], got shape {tuple(matrix.shape)}")
     if not matrix.is_floating_point():
         raise ValueError(f"expected a floating-point matrix, got dtype {matrix.dtype}")
+    trusted = _FINITE.get()
+    if trusted is not None and trusted[0] is matrix and trusted[1] == matrix._version:
+        return
     if not bool(torch.isfinite(matrix).all()):
         raise ValueError("the matrix contains NaN or inf values")
 
@@ -222,7 +245,8 @@ class GramianWeightedAggregator(WeightedAggregator):
     def weights_from_gramian(self, gramian: Tensor) -> Tensor:
         """Return the weights ``W(G)`` of shape ``[m]`` for a Gramian ``G``."""
         check_gramian(gramian)
-        return self.gramian_weighting(gramian)
+        with checked_finite(gramian):  # the weighting's own check would read it again
+            return self.gramian_weighting(gramian)
 
     def extra_repr(self) -> str:
         return self.gramian_weighting.extra_repr()

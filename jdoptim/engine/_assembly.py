@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from jdoptim.aggregation._bases import checked_finite
 from jdoptim.engine._layer_rules import PerSample, covered, rule_for
 from jdoptim.engine._reduce import total
 from jdoptim.engine._scaled import ScaledRows
@@ -21,6 +22,21 @@ from jdoptim.engine._scaled import ScaledRows
 
 class NonFiniteGramianError(ValueError):
     """The per-sample gradients hold NaN or inf (for instance a GradScaler overflow)."""
+
+
+def checked_weights(
+    gram: Tensor, weights_from_gramian: Callable[[Tensor], Tensor], what: str
+) -> Tensor:
+    """The float64 weights of a Gramian engine's ``gram``, checked for NaN and inf here only.
+
+    A non-finite Gramian raises :class:`NonFiniteGramianError` (``what`` hold NaN or inf), which
+    the optimizer reads as a GradScaler overflow; the aggregator is not called. A finite one is
+    not read again by the aggregator's checks (:func:`jdoptim.aggregation._bases.checked_finite`).
+    """
+    if not bool(torch.isfinite(gram).all()):
+        raise NonFiniteGramianError(f"{what} hold NaN or inf")
+    with checked_finite(gram):
+        return weights_from_gramian(gram).to(torch.float64)
 
 
 class _ModulePart:
@@ -235,9 +251,7 @@ def _finish(
         if not blocks:
             raise ValueError("the losses do not depend on any parameter of the Jacobian")
         gram = total(blocks)
-        if not bool(torch.isfinite(gram).all()):
-            raise NonFiniteGramianError("the per-sample gradients hold NaN or inf")
-        weights = weights_from_gramian(gram).to(torch.float64)
+        weights = checked_weights(gram, weights_from_gramian, "the per-sample gradients")
         for k, rule in rules:
             updates[k] = rule.update(weights).to(params[k].dtype)
         for k, r in scaled.items():

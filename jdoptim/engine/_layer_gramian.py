@@ -35,10 +35,10 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
 
-from jdoptim.engine._assembly import NonFiniteGramianError
+from jdoptim.engine._assembly import checked_weights
 from jdoptim.engine._graph import GraphWalk
 from jdoptim.engine._jacobian import JacobianEngine
-from jdoptim.engine._recording import Record, Recorder
+from jdoptim.engine._recording import HookedEngine, Record, Recorder
 from jdoptim.engine._reduce import total
 from jdoptim.engine._scaled import (
     ScaledRows,
@@ -100,7 +100,7 @@ def _plain_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
 
 
-class LayerGramianEngine:
+class LayerGramianEngine(HookedEngine):
     """Record ``nn.Linear`` calls owning aggregated parameters; Gramian steps for any losses.
 
     Parameters
@@ -130,24 +130,6 @@ class LayerGramianEngine:
     ) -> None:
         self._fallback = JacobianEngine(parallel_chunk_size)
         self._recorder = Recorder(params, _plain_linear, roots=modules)
-
-    def refresh(self) -> None:
-        """Hook the modules of the current parameters (after ``add_param_group``)."""
-        self._recorder.refresh()
-
-    def remove_hooks(self) -> None:
-        """Remove the forward hooks; every parameter is then differentiated by batched VJPs."""
-        self._recorder.remove()
-
-    def __getstate__(self) -> dict[str, object]:
-        return {
-            "params": self._recorder._params,
-            "chunk": self._fallback.parallel_chunk_size,
-            "modules": None,  # a copy scans: it may hold a copy of the model, or none
-        }
-
-    def __setstate__(self, state: dict[str, object]) -> None:
-        self.__init__(state["params"], state["chunk"], state["modules"])  # type: ignore[misc]
 
     def gramian_step(
         self,
@@ -255,9 +237,7 @@ def layer_step(
         if not blocks:  # only parameters in summed_only are reached
             raise ValueError("the losses do not depend on any of the shared_params")
         gram = total(blocks)
-        if not bool(torch.isfinite(gram).all()):
-            raise NonFiniteGramianError("the gradients hold NaN or inf")
-        weights = weights_from_gramian(gram).to(torch.float64)
+        weights = checked_weights(gram, weights_from_gramian, "the gradients")
         updates: dict[int, Tensor] = {}
         for call in calls:
             updates.update(call.updates(weights))

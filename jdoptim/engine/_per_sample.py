@@ -29,7 +29,7 @@ from jdoptim.engine._graph import GraphWalk
 from jdoptim.engine._jacobian import JacobianEngine
 from jdoptim.engine._layer_rules import covered, mixes_samples, mixing_error, rule_for
 from jdoptim.engine._mixing import check_per_sample
-from jdoptim.engine._recording import Record, Recorder
+from jdoptim.engine._recording import HookedEngine, Record, Recorder
 from jdoptim.engine._scaled import compute_dtype
 
 
@@ -37,7 +37,7 @@ def _recorded(module: nn.Module) -> bool:
     return rule_for(module) is not None or mixes_samples(module)
 
 
-class PerSampleEngine:
+class PerSampleEngine(HookedEngine):
     """Record layer inputs of the modules that own ``params``; Gramian steps of per-sample losses.
 
     Parameters
@@ -73,26 +73,8 @@ class PerSampleEngine:
         self.check_every = check_every
         self._steps = 0
 
-    def refresh(self) -> None:
-        """Hook the modules of the current parameters (after ``add_param_group``)."""
-        self._recorder.refresh()
-
-    def remove_hooks(self) -> None:
-        """Remove the forward hooks; every parameter is then differentiated by batched VJPs."""
-        self._recorder.remove()
-
     def __getstate__(self) -> dict[str, object]:
-        return {
-            "params": self._recorder._params,
-            "chunk": self._fallback.parallel_chunk_size,
-            "check_every": self.check_every,
-            "modules": None,  # a copy scans: it may hold a copy of the model, or none
-        }
-
-    def __setstate__(self, state: dict[str, object]) -> None:
-        self.__init__(  # type: ignore[misc]
-            state["params"], state["chunk"], state["check_every"], state["modules"]
-        )
+        return {**super().__getstate__(), "check_every": self.check_every}
 
     def gramian_step(
         self,

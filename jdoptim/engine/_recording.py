@@ -22,11 +22,14 @@ from __future__ import annotations
 import gc
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
+
+if TYPE_CHECKING:
+    from jdoptim.engine._jacobian import JacobianEngine
 
 
 class Record:
@@ -176,6 +179,32 @@ class Recorder:
             return
         record = Record(module, args[0], output, self._replay(module, args, kwargs))
         output.grad_fn.metadata.setdefault(self.key, []).append(record)
+
+
+class HookedEngine:
+    """What the Gramian engines share: a :class:`Recorder` and the batched-VJP fallback.
+
+    A copy or an unpickled engine is built again from its constructor's arguments (the state),
+    and hooks its owners afresh by a scan: it may hold a copy of the model, or none.
+    """
+
+    _recorder: Recorder
+    _fallback: JacobianEngine
+
+    def refresh(self) -> None:
+        """Hook the modules of the current parameters (after ``add_param_group``)."""
+        self._recorder.refresh()
+
+    def remove_hooks(self) -> None:
+        """Remove the forward hooks; every parameter is then differentiated by batched VJPs."""
+        self._recorder.remove()
+
+    def __getstate__(self) -> dict[str, object]:
+        chunk = self._fallback.parallel_chunk_size
+        return {"params": self._recorder._params, "parallel_chunk_size": chunk}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__init__(**state)  # type: ignore[misc]
 
 
 class _Hook:

@@ -23,6 +23,7 @@ from jdoptim.aggregation import (
     UPGradWeighting,
     WeightedAggregator,
 )
+from jdoptim.aggregation._bases import checked_finite
 from tests.aggregation import _inputs
 from tests.aggregation._inputs import to_torch
 from tests.aggregation._table import AGGREGATORS_UNDER_TEST, Entry
@@ -220,3 +221,15 @@ def test_homogeneous_at_the_ends_of_float64(entry: Entry, scale):
 def test_gramian_overflow_finite_input():
     j = torch.tensor([[1.0, 0.0], [-2.0, 1.0]]) * 1e20
     assert bool(torch.isfinite(UPGrad()(j)).all())
+
+
+def test_a_matrix_its_caller_checked_is_read_again_once_modified():
+    """checked_finite spares one read of that very tensor, unmodified; nothing else."""
+    gramian = torch.eye(3, dtype=torch.float64)
+    with checked_finite(gramian):
+        UPGradWeighting()(gramian)
+        gramian[1, 1] = float("nan")
+        with pytest.raises(ValueError, match="NaN or inf"):
+            UPGradWeighting()(gramian)
+        with pytest.raises(ValueError, match="NaN or inf"):
+            UPGradWeighting()(torch.full((3, 3), float("inf"), dtype=torch.float64))
