@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from jdoptim.aggregation import GramianWeightedAggregator
+from jdoptim.linalg._finite import all_finite
 
 
 def as_loss_vector(losses: object, *, check_finite: bool = True) -> Tensor:
@@ -203,18 +204,6 @@ def check_requires_grad(tensors: Sequence[Tensor], what: str) -> None:
 
 class NonFiniteError(ValueError):
     """Gradients or updates hold NaN or inf (under a ``GradScaler``: an overflow, skipped)."""
-
-
-def all_finite(tensors: Sequence[Tensor]) -> bool:
-    """Whether every entry of every tensor is finite: one host read in the usual case.
-
-    The sums are finite exactly when no entry is NaN or inf, unless a sum of finite entries
-    overflows; only then is every entry checked.
-    """
-    if not tensors:
-        return True
-    sums = torch.stack([t.sum().to(torch.float64) for t in tensors])
-    return bool(torch.isfinite(sums).all()) or all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def check_finite_jacobians(jacobians: Sequence[Tensor | None]) -> None:

@@ -42,6 +42,7 @@ from torch import Tensor
 
 from jdoptim._module import StateModule
 from jdoptim.linalg import gramian, trim_gramian
+from jdoptim.linalg._finite import all_finite
 
 __all__ = [
     "Aggregator",
@@ -82,7 +83,7 @@ def check_matrix(matrix: Tensor) -> None:
     trusted = _FINITE.get()
     if trusted is not None and trusted[0] is matrix and trusted[1] == matrix._version:
         return
-    if not bool(torch.isfinite(matrix).all()):
+    if not all_finite([matrix]):
         raise ValueError("the matrix contains NaN or inf values")
 
 

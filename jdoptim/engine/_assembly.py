@@ -18,6 +18,7 @@ from jdoptim.aggregation._bases import checked_finite
 from jdoptim.engine._layer_rules import PerSample, covered, rule_for
 from jdoptim.engine._reduce import total
 from jdoptim.engine._scaled import ScaledRows
+from jdoptim.linalg._finite import all_finite
 
 
 class NonFiniteGramianError(ValueError):
@@ -33,7 +34,7 @@ def checked_weights(
     the optimizer reads as a GradScaler overflow; the aggregator is not called. A finite one is
     not read again by the aggregator's checks (:func:`jdoptim.aggregation._bases.checked_finite`).
     """
-    if not bool(torch.isfinite(gram).all()):
+    if not all_finite([gram]):
         raise NonFiniteGramianError(f"{what} hold NaN or inf")
     with checked_finite(gram):
         return weights_from_gramian(gram).to(torch.float64)
