@@ -27,9 +27,9 @@ def _product(x: Tensor, g: Tensor, compact: bool) -> Tensor:
     Pivoting's points are ``u`` off the free set, so for UPGrad's targets (``u_k = e_k``) a row
     holds about ``|F| + 1`` non-zeros, and its corrections off ``F`` only the few rows that left
     ``F``. With one thread at ``m = k = 1024`` the sparse product takes 0.65x the dense one's time
-    at 8 % non-zeros, 0.14x at 1 %.
+    at 8 % non-zeros, 0.14x at 1 %; at ``m = 128`` it is slower from 3 % on, at ``m = 64`` always.
     """
-    if not compact:
+    if not compact or g.shape[0] < _SPARSE_ROWS:
         return x @ g
     nonzeros = int(torch.count_nonzero(x))
     if nonzeros == 0:
