@@ -139,20 +139,18 @@ def _block_solve_chunk(
 def _principal_blocks(extended: Tensor, select: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor]:
     """The ``[batch, size, size]`` principal blocks ``matrix[S, S]`` of each problem's set ``S``
     (``extended``: the matrix padded with a zero row and column ``m``), with the indices they
-    use: ``valid`` (which of the ``size`` positions are selected) and ``padded`` (the selected
-    indices in increasing order, then ``m``). The padding part of a block is zero: the caller
-    puts a unit diagonal there, so that the blocks come padded with an identity block.
+    use: ``valid`` (which of the ``size`` positions hold a selected index) and ``padded`` (those
+    indices, in no particular order, and ``m`` elsewhere). The padding part of a block is zero:
+    the caller puts a unit diagonal there, so that the blocks come padded with an identity block.
 
-    The indices come from a cumulative count (no sort) and the blocks from one gather of the
-    flattened matrix (1.8x faster than two-index advanced indexing at ``m = 1024``)."""
+    The indices come from an unsorted top-``size`` of the indicator (``size >= |S|``: every
+    selected index is among them; 6x faster than a stable sort of ``[1024, 1024]`` indicators for
+    ``size = 17``, no host synchronisation) and the blocks from one gather of the flattened matrix
+    (1.8x faster than two-index advanced indexing at ``m = 1024``)."""
     batch, m = select.shape
-    count = select.sum(dim=1, keepdim=True)
-    position = torch.where(select, select.cumsum(dim=1) - 1, size)  # unselected: a spare slot
-    every = torch.arange(m, device=select.device).expand(batch, m)
-    padded = torch.full((batch, size + 1), m, dtype=torch.long, device=select.device)
-    padded = padded.scatter_(1, position, every)[:, :size]
-    valid = torch.arange(size, device=select.device) < count
-    padded = torch.where(valid, padded, m)
+    chosen, indices = torch.topk(select.to(torch.uint8), size, dim=1, sorted=False)
+    valid = chosen.bool()
+    padded = torch.where(valid, indices, m)
     flat = (padded * (m + 1)).unsqueeze(2) + padded.unsqueeze(1)
     block = extended.view(-1).index_select(0, flat.view(-1)).view(batch, size, size)
     return valid, padded, block
