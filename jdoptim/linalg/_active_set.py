@@ -142,7 +142,8 @@ def _pivoting(
         # One block-pivoting step of the inner problem (a positive definite LCP), written as a
         # correction from the current point: its residual uses G + δI itself.
         lam_inner = lam + delta.unsqueeze(1) * (y - centre) if proximal else lam
-        y = y + _correction(g, inverse, lam_inner, u - y, free, delta, compact)
+        shift = delta if proximal else None
+        y = y + _correction(g, inverse, lam_inner, u - y, free, shift, compact)
         lam = _product(y, g, compact)  # (Ĵ p)_j of the unregularised problem, p = Ĵᵀy
         lam_inner = lam + delta.unsqueeze(1) * (y - centre) if proximal else lam
         # ‖p‖, and signs to the rounding of λ = G y plus _TAU of the projection's norm.
@@ -153,11 +154,11 @@ def _pivoting(
         # The unregularised KKT conditions: signs, and face equations λ_F = 0 to the same
         # tolerance or, once a proximal step no longer halves their residual, to what the
         # Gramian resolves (see the module notes).
-        residual = torch.where(free, lam.abs(), 0).amax(dim=1)
+        residual = (lam * free).abs_().amax(dim=1)
         loose = eta * (norm + y.norm(dim=1, keepdim=True)).squeeze(1)
         stalled = residual > 0.5 * previous
         resolved = (residual <= tol.squeeze(1)) | (stalled & (residual <= loose))
-        signs = torch.where(free, True, lam >= -tol).all(dim=1)
+        signs = (free | (lam >= -tol)).all(dim=1)
         previous = torch.where(solved, residual, previous)
         done = solved & signs & resolved
         if proximal:

@@ -51,14 +51,14 @@ def _correction(
     lam: Tensor,
     fix: Tensor,
     free: Tensor,
-    delta: Tensor,
+    delta: Tensor | None,
     compact: bool,
 ) -> Tensor:
     """Return ``Δ`` with ``Δ_Z = fix_Z`` and ``((G + δI) Δ)_F = -λ_F`` for each problem.
 
     ``λ`` is the current point's residual in its inner problem, so ``y + Δ`` solves that problem
     on the face ``F`` (a correction, so the rounding of earlier steps is corrected too). Each
-    problem has its own shift ``δ`` (``delta``, ``[k]``).
+    problem has its own shift ``δ`` (``delta``, ``[k]``; ``None``: no shift).
 
     Two equivalent forms, and the one with the smaller systems is used: on the free set,
     ``A_FF Δ_F = -λ_F - A_FZ fix_Z`` (``A = G + δI``); on the fixed set, ``Δ = H(-λ + ν)`` with
@@ -68,13 +68,17 @@ def _correction(
     Without ``inverse`` (off CPU: no reads; or ``G`` nearly singular) the first form is used.
     """
     m = free.shape[1]
-    fixed_part = torch.where(free, torch.zeros_like(fix), fix)
-    n_free = int(free.sum(dim=1).max()) if compact else m
-    n_fixed = int((~free).sum(dim=1).max()) if compact else m
+    fixed_part = fix * ~free
+    n_free, n_fixed = m, m
+    if compact:
+        counts = free.sum(dim=1)
+        n_free, n_fixed = int(counts.max()), m - int(counts.min())
     if inverse is not None and n_fixed < n_free:
         nu = _block_solve(inverse, fixed_part + lam @ inverse, ~free, n_fixed, None, compact)
         return (nu - lam) @ inverse
-    rhs = -lam - _product(fixed_part, g, compact) - delta.unsqueeze(1) * fixed_part
+    rhs = (lam + _product(fixed_part, g, compact)).neg_()
+    if delta is not None:
+        rhs -= delta.unsqueeze(1) * fixed_part
     return fixed_part + _block_solve(g, rhs, free, n_free, delta, compact)
 
 
