@@ -52,13 +52,11 @@ def _step_bound(gramian: Tensor) -> Tensor:
     return torch.minimum(1.05 * (x @ gramian @ x), torch.linalg.matrix_norm(gramian, 1))
 
 
-def _starting_free_set(gramian: Tensor, targets: Tensor, steps: int | None = None) -> Tensor:
+def _starting_free_set(gramian: Tensor, targets: Tensor) -> Tensor:
     """Each problem's guessed free set: the rows a FISTA iterate has moved off their bound and
-    keeps off it (see the module notes); ``steps`` overrides the number of steps."""
-    m = gramian.shape[0]
-    small = m <= _SMALL
-    if steps is None:
-        steps = _MANY_STEPS if small else _FEW_STEPS
+    keeps off it (see the module notes)."""
+    small = gramian.shape[0] <= _SMALL
+    steps = _MANY_STEPS if small else _FEW_STEPS
     step = (1.0 / _step_bound(gramian)).float()
     g = gramian.float()
     descent = g * -step  # v - step · v G as one addmm
