@@ -22,8 +22,8 @@ Gramians spreads over 1e-11…1e-86; scaled, their condition number is 12…5e8 
 **Well-conditioned** ``Ĝ`` (``diag(Ĝ⁻¹) <= 1e6``, every eigenvalue above about 1e-6): block
 principal pivoting (semismooth Newton on ``min(μ, λ) = 0``) moves every infeasible index to the
 other set and solves the face system ``Ĝ_FF y_F = -Ĝ_FZ û_Z`` of every problem with one batched
-Cholesky factorisation per iteration, started from the rows that a few projected-gradient steps
-move off their bound and that still push against it. Cycling is broken by Kim & Park's backup
+Cholesky factorisation per iteration, started from the free sets that FISTA steps suggest
+(``_start``: 64 steps up to ``m = 256``, 16 beyond). Cycling is broken by Kim & Park's backup
 rule (after three exchanges without progress, only the last infeasible index moves: finite for
 positive definite matrices). When nearly every row is added (early in training) the equivalent
 fixed-set form on ``Ĝ⁻¹`` solves ``|Z| x |Z|`` systems instead of ``|F| x |F|`` ones; on CPU the
@@ -64,12 +64,11 @@ from jdoptim.linalg._blocks import _correction, _product, _sign_tolerance
 from jdoptim.linalg._dual_cone import project_weights_quadprog
 from jdoptim.linalg._gramian import jacobi_scaled
 from jdoptim.linalg._lawson_hanson import _lawson_hanson
+from jdoptim.linalg._start import _starting_free_set
 
 __all__ = ["project_weights"]
 
 _BACKUP_BUDGET = 3  # Kim & Park's "p̄": full exchanges allowed without progress.
-_FISTA_STEPS = 16  # Steps of the starting guess.
-_POWER_STEPS = 30  # Power iterations for the step size of the starting guess.
 _CHECK_EVERY = 4  # Off CPU, read convergence back every this many iterations.
 _DELTA = 1e-10  # Proximal shift of the factorised blocks (the scaled Gramian has a unit diagonal).
 _CONDITION = 1e-4  # Block pivoting alone while diag(G⁻¹) · _DELTA stays below this.
@@ -78,41 +77,6 @@ _CONDITION = 1e-4  # Block pivoting alone while diag(G⁻¹) · _DELTA stays bel
 def _reads_are_free(device: torch.device) -> bool:
     """Whether reading a value back to the host costs nothing (no device synchronisation)."""
     return device.type == "cpu"
-
-
-def _step_bound(gramian: Tensor) -> Tensor:
-    """A Lipschitz constant for the starting guess: ``λ_max`` by power iteration, plus 5 %.
-
-    Capped by ``‖G‖₁ >= λ_max``. On real m = 1024 Gramians ``λ_max`` is 0.67x ``‖G‖₁``: longer
-    steps, a tighter start (161 rows per problem instead of 198 for as many correct ones).
-    """
-    x = torch.linspace(1.0, 2.0, gramian.shape[0], dtype=gramian.dtype, device=gramian.device)
-    for _ in range(_POWER_STEPS):
-        x = gramian @ x
-        x = x / x.norm().clamp_min(torch.finfo(x.dtype).tiny)
-    return torch.minimum(1.05 * (x @ gramian @ x), torch.linalg.matrix_norm(gramian, 1))
-
-
-def _starting_free_set(gramian: Tensor, targets: Tensor, lipschitz: Tensor) -> Tensor:
-    """Rows added by a few FISTA steps on ``min_{v >= u} ½ vᵀGv`` (a guess, checked later).
-
-    Only the set matters, so the steps run in float32 (half the cost of float64 products).
-    """
-    g = gramian.float()
-    u = targets.float()
-    step = (1.0 / lipschitz).float()
-    v = u
-    y = u
-    t = 1.0
-    for _ in range(_FISTA_STEPS):
-        v_next = torch.maximum(y - step * (y @ g), u)
-        t_next = (1.0 + (1.0 + 4.0 * t * t) ** 0.5) / 2.0
-        y = v_next + ((t - 1.0) / t_next) * (v_next - v)
-        v, t = v_next, t_next
-    # Rows the iterate has moved off their bound *and* still pushes against: FISTA's early
-    # iterates overshoot, and rows already satisfied (λ >= 0) mostly leave the set again (on
-    # real m = 1024 Gramians this halves the first blocks, for a few more missing rows).
-    return (v > u) & (v @ g < 0)
 
 
 def _solve_scaled(
@@ -131,7 +95,7 @@ def _solve_scaled(
     # positive definite, block pivoting is finite and exact without a shift. Otherwise it may
     # cycle among equivalent active sets.
     if inverse is not None and bool(inverse.diagonal().max() * _DELTA <= _CONDITION):
-        start = _starting_free_set(g, u, _step_bound(g))
+        start = _starting_free_set(g, u)
         return _pivoting(
             g, u, u.clone(), start, inverse if compact else None, 0.0, eta, max_iter, compact
         )
@@ -162,6 +126,8 @@ def _pivoting(
     """Block principal pivoting from ``(y, free)``, each inner problem proximal (``δ = floor``)."""
     k, r = u.shape
     device, dtype = g.device, g.dtype
+    targets = u
+    proximal = floor > 0  # without a shift the inner problem is the problem: no centre
     delta = torch.full((k,), floor, dtype=dtype, device=device)
     centre = y.clone()  # each inner problem: min ½yᵀGy + δ/2 ‖y - centre‖² s.t. y >= u
     out = u.clone()
@@ -173,43 +139,47 @@ def _pivoting(
     previous = torch.full((k,), torch.inf, dtype=dtype, device=device)
     lam = _product(y, g, compact)  # then carried over from the end of each iteration
     for iteration in range(max_iter):
-        u_rows = u[rows]
         # One block-pivoting step of the inner problem (a positive definite LCP), written as a
         # correction from the current point: its residual uses G + δI itself.
-        lam_inner = lam + delta.unsqueeze(1) * (y - centre)
-        y = y + _correction(g, inverse, lam_inner, u_rows - y, free, delta, compact)
+        lam_inner = lam + delta.unsqueeze(1) * (y - centre) if proximal else lam
+        shift = delta if proximal else None
+        y = y + _correction(g, inverse, lam_inner, u - y, free, shift, compact)
         lam = _product(y, g, compact)  # (Ĵ p)_j of the unregularised problem, p = Ĵᵀy
-        lam_inner = lam + delta.unsqueeze(1) * (y - centre)
+        lam_inner = lam + delta.unsqueeze(1) * (y - centre) if proximal else lam
         # ‖p‖, and signs to the rounding of λ = G y plus _TAU of the projection's norm.
         norm, tol = _sign_tolerance(lam, y)
-        infeasible = torch.where(free, y - u_rows < -tol, lam_inner < -tol)
+        infeasible = torch.where(free, y - u < -tol, lam_inner < -tol)
         count = infeasible.sum(dim=1)
         solved = count == 0  # the inner problem: its centre moves to its solution
         # The unregularised KKT conditions: signs, and face equations λ_F = 0 to the same
         # tolerance or, once a proximal step no longer halves their residual, to what the
         # Gramian resolves (see the module notes).
-        residual = torch.where(free, lam.abs(), 0).amax(dim=1)
+        residual = (lam * free).abs_().amax(dim=1)
         loose = eta * (norm + y.norm(dim=1, keepdim=True)).squeeze(1)
         stalled = residual > 0.5 * previous
         resolved = (residual <= tol.squeeze(1)) | (stalled & (residual <= loose))
-        signs = torch.where(free, True, lam >= -tol).all(dim=1)
+        signs = (free | (lam >= -tol)).all(dim=1)
         previous = torch.where(solved, residual, previous)
         done = solved & signs & resolved
-        centre = torch.where(solved.unsqueeze(1), y, centre)
-        out[rows] = torch.where((done & ~certified[rows]).unsqueeze(1), y, out[rows])
-        certified[rows] |= done
-        if compact:
-            keep = ~done
-            if not bool(keep.any()):
+        if proximal:
+            centre = torch.where(solved.unsqueeze(1), y, centre)
+        if not compact:  # every problem stays in the batch (no reads)
+            out = torch.where((done & ~certified).unsqueeze(1), y, out)
+            certified |= done
+            if (iteration + 1) % _CHECK_EVERY == 0 and bool(certified.all()):
                 break
-            rows, free, infeasible, count, solved = (
-                t[keep] for t in (rows, free, infeasible, count, solved)
+        elif bool(done.any()):  # certified problems leave the batch
+            finished = done.nonzero().squeeze(1)
+            out[rows[finished]] = y[finished]
+            certified[rows[finished]] = True
+            keep = (~done).nonzero().squeeze(1)
+            if keep.numel() == 0:
+                break
+            state = (rows, u, y, lam, free, infeasible, count, solved, previous, best, budget)
+            rows, u, y, lam, free, infeasible, count, solved, previous, best, budget = (
+                t.index_select(0, keep) for t in state
             )
-            y, lam, centre, previous, best, budget, delta = (
-                t[keep] for t in (y, lam, centre, previous, best, budget, delta)
-            )
-        elif (iteration + 1) % _CHECK_EVERY == 0 and bool(certified.all()):
-            break
+            delta, centre = delta[keep], centre[keep] if proximal else centre
         # Kim & Park's backup rule: full exchange while the infeasibility count keeps falling
         # (or for a few more tries), otherwise Murty's single exchange of the last infeasible.
         # A solved inner problem restarts the count for the next one (same sets, new centre).
@@ -222,9 +192,9 @@ def _pivoting(
         free = free ^ torch.where(full.unsqueeze(1), infeasible, single)
     if not compact:
         out = torch.where(certified.unsqueeze(1), out, y)
-    else:
-        out[rows] = torch.where(certified[rows].unsqueeze(1), out[rows], y)
-    return torch.maximum(out, u), certified
+    elif not bool(certified.all()):  # the problems left in the batch are the uncertified ones
+        out[rows] = y
+    return torch.maximum(out, targets), certified
 
 
 def project_weights(gramian: Tensor, targets: Tensor, *, max_iter: int = 30) -> Tensor:

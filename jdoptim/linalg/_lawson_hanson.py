@@ -37,14 +37,14 @@ def _face_solve(g: Tensor, rhs: Tensor, select: Tensor, floor: float) -> tuple[T
     if size == 0:
         return torch.zeros_like(rhs), torch.ones(batch, dtype=torch.bool, device=rhs.device)
     extended = torch.nn.functional.pad(g, (0, 1, 0, 1))
-    order, valid, padded, block = _principal_blocks(extended, select, size)
+    valid, padded, block = _principal_blocks(extended, select, size)
     block.diagonal(dim1=1, dim2=2).add_((~valid).to(g.dtype))
     factor, info = torch.linalg.cholesky_ex(block)
     pivots = factor.diagonal(dim1=1, dim2=2).square()
     regular = (info == 0) & (pivots > floor).all(dim=1) & torch.isfinite(pivots).all(dim=1)
     eye = torch.eye(size, dtype=g.dtype, device=g.device)
     factor = torch.where(regular.view(-1, 1, 1), factor, eye)
-    return _factored_solve(factor, block, rhs, order, valid, padded), regular
+    return _factored_solve(factor, block, rhs, valid, padded), regular
 
 
 def _alignment(g: Tensor, base: Tensor, mu: Tensor, passive: Tensor) -> Tensor:
@@ -53,7 +53,7 @@ def _alignment(g: Tensor, base: Tensor, mu: Tensor, passive: Tensor) -> Tensor:
     ``m = k = 1024``, ``|P| = 16``, and 10x faster than gathering the rows of ``G``)."""
     if not bool(passive.any()):
         return base
-    return base + torch.sparse.mm(torch.where(passive, mu, 0.0).to_sparse(), g)
+    return base + torch.sparse.mm((mu * passive).to_sparse(), g)
 
 
 def _lawson_hanson(g: Tensor, u: Tensor, eps_in: float) -> tuple[Tensor, Tensor]:
@@ -76,7 +76,7 @@ def _lawson_hanson(g: Tensor, u: Tensor, eps_in: float) -> tuple[Tensor, Tensor]
         violated = ~passive & (lam < -tol)
         candidates = violated & ~aside
         done = ~candidates.any(dim=1)
-        faces = (torch.where(passive, lam.abs(), 0.0) <= tol).all(dim=1)
+        faces = ((lam * passive).abs_() <= tol).all(dim=1)
         certified[rows[done]] = (faces & ~violated.any(dim=1))[done]
         out[rows[done]] = y[done]
         keep = ~done
@@ -86,7 +86,7 @@ def _lawson_hanson(g: Tensor, u: Tensor, eps_in: float) -> tuple[Tensor, Tensor]
         u_rows, candidates, base = u_rows[keep], candidates[keep], base[keep]
         entering = torch.where(candidates, lam, inf).argmin(dim=1, keepdim=True)
         trial = passive.scatter(1, entering, True)
-        step, regular = _face_solve(g, -torch.where(trial, lam, 0.0), trial, floor)
+        step, regular = _face_solve(g, -(lam * trial), trial, floor)
         # The entering multiplier must come out positive (it does in exact arithmetic): if it
         # does not, or the face is singular, the row is set aside for this problem.
         grows = regular & (step.gather(1, entering).squeeze(1) > 0)
@@ -115,7 +115,7 @@ def _inner(
         ratio = torch.where(blocking, mu / (mu - mu_z).clamp_min(1e-300), torch.inf)
         alpha, first = ratio.min(dim=1, keepdim=True)
         feasible = ~blocking.any(dim=1, keepdim=True)
-        y = y + torch.where(pending.unsqueeze(1), step * torch.where(feasible, 1.0, alpha), 0.0)
+        y = y + step * (torch.where(feasible, 1.0, alpha) * pending.unsqueeze(1))
         drop = ~feasible & (torch.zeros_like(passive).scatter(1, first, True) | (y - u <= 0))
         passive = passive & ~drop
         y = torch.where(passive, y, u)  # μ = 0 exactly off P
@@ -123,6 +123,6 @@ def _inner(
         if not bool(pending.any()):
             break
         lam = _alignment(g, base, y - u, passive)
-        step, regular = _face_solve(g, -torch.where(passive, lam, 0.0), passive, floor)
+        step, regular = _face_solve(g, -(lam * passive), passive, floor)
         pending = pending & regular  # a subset of an independent set is independent
     return y, passive

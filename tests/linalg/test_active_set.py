@@ -149,7 +149,7 @@ def test_device_path_on_cpu(monkeypatch, fista_steps: int) -> None:
     Without the FISTA start, the iteration needs several exchanges (and convergence checks).
     """
     monkeypatch.setattr("jdoptim.linalg._active_set._reads_are_free", lambda device: False)
-    monkeypatch.setattr("jdoptim.linalg._active_set._FISTA_STEPS", fista_steps)
+    monkeypatch.setattr("jdoptim.linalg._start._MANY_STEPS", fista_steps)
     jacobian = _jacobian("random", 64)
     for dtype, tol in ((torch.float64, 1e-6), (torch.float32, 1e-4)):
         gramian = (jacobian @ jacobian.T).to(dtype)
@@ -223,9 +223,12 @@ def test_rank_deficient_blocks_stay_small(monkeypatch, m: int, rank: int) -> Non
 
 @pytest.mark.parametrize("compact", [True, False])
 @pytest.mark.parametrize("density", [0.0, 0.01, 0.5, 1.0])
-def test_product_matches_dense(compact: bool, density: float) -> None:
+def test_product_matches_dense(monkeypatch, compact: bool, density: float) -> None:
     """``_product`` (sparse below 10 % non-zeros, on CPU) equals the dense ``x @ g``."""
+    import jdoptim.linalg._blocks as blocks
     from jdoptim.linalg._blocks import _product
+
+    monkeypatch.setattr(blocks, "_SPARSE_ROWS", 0)  # sparse at this size too
 
     gen = torch.Generator().manual_seed(3)
     g = torch.randn(200, 200, generator=gen, dtype=torch.float64)
@@ -242,6 +245,7 @@ def test_sparse_products_everywhere(monkeypatch, kind: str) -> None:
     calls = []
     original = torch.sparse.mm
     monkeypatch.setattr(blocks, "_SPARSE", 1.0)
+    monkeypatch.setattr(blocks, "_SPARSE_ROWS", 0)
     monkeypatch.setattr(torch.sparse, "mm", lambda *a: calls.append(1) or original(*a))
     jacobian = _jacobian(kind, 64)
     weights = project_weights(jacobian @ jacobian.T, torch.eye(64, dtype=torch.float64))
@@ -253,7 +257,7 @@ def test_sparse_products_everywhere(monkeypatch, kind: str) -> None:
 def test_step_bound_brackets_largest_eigenvalue(kind: str) -> None:
     """The starting guess's Lipschitz constant: at least ``λ_max`` (eigvalsh: FISTA's steps are
     stable) and at most ``‖G‖₁`` (the previous, looser constant)."""
-    from jdoptim.linalg._active_set import _step_bound
+    from jdoptim.linalg._start import _step_bound
 
     jacobian = _jacobian(kind, 64)
     gramian = jacobian @ jacobian.T
