@@ -19,6 +19,8 @@ sum is taken in the rows' dtype and multiplied by ``2^E`` at the end.
 from __future__ import annotations
 
 import math
+import weakref
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -27,6 +29,11 @@ from torch import Tensor
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the closed forms run in: the parameter's, float32 at least."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def as_dtype(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x.to(dtype)``, skipping the call (a dispatch) when ``x`` already has ``dtype``."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def _window(dtype: torch.dtype) -> int:
@@ -39,10 +46,29 @@ def exponents(pieces: list[Tensor]) -> Tensor | None:
     """Per row (leading dim), the exponent ``e`` with ``max |x| < 2^e`` over all ``pieces``, or
     ``None`` (no scaling) when every row is within ``2^{±k}`` (see :func:`_window`); one host
     read decides, and the scaling passes are skipped in the common case."""
-    amax = torch.stack([p.reshape(p.shape[0], -1).abs().amax(dim=1) for p in pieces]).amax(0)
-    amax = torch.where(torch.isfinite(amax) & (amax > 0), amax, torch.ones_like(amax))
-    exps = torch.frexp(amax).exponent
-    return exps if bool((exps.abs() > _window(pieces[0].dtype)).any()) else None
+    return exponents_each([pieces])[0]
+
+
+def exponents_each(groups: list[list[Tensor]]) -> list[Tensor | None]:
+    """:func:`exponents` of each group of pieces, decided by one host read for all groups (the
+    groups of one dtype and row count; others are decided apart)."""
+    if not groups:
+        return []
+    rows = [
+        torch.stack([_row_amax(p) for p in g]).amax(0) if len(g) > 1 else _row_amax(g[0])
+        for g in groups
+    ]
+    if len({(r.shape, r.dtype) for r in rows}) > 1:
+        return [exponents_each([g])[0] for g in groups]
+    amax = torch.stack(rows)
+    # 1 for the rows that are zero, NaN or inf (NaN compares false)
+    exps = torch.frexp(torch.where((amax > 0) & (amax < math.inf), amax, 1.0)).exponent
+    needs = (exps.abs() > _window(rows[0].dtype)).any(dim=1).tolist()
+    return [e if need else None for e, need in zip(exps, needs, strict=True)]
+
+
+def _row_amax(piece: Tensor) -> Tensor:
+    return piece.reshape(piece.shape[0], -1).abs().amax(dim=1)
 
 
 def add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
@@ -79,11 +105,24 @@ def coefficients(
     """``c`` in ``dtype`` and ``E`` with ``Σ_i w_i x_i = 2^E Σ_i c_i x̂_i`` (``E = None``: 0).
 
     The float64 coefficients ``w_i 2^{e_i}`` are used as they are when they fit ``dtype``
-    comfortably (one host read decides); otherwise they are brought to ``|c_i| <= 1``.
+    comfortably (one host read decides); otherwise they are brought to ``|c_i| <= 1``. Without
+    ``exps`` the answer depends on ``weights`` and ``dtype`` alone: the last one is kept (keyed
+    weakly by the tensor and its version), so the layers of one step share one host read.
     """
-    full = weights.to(torch.float64)
-    if exps is not None:
-        full = torch.ldexp(full, exps.to(torch.float64))
+    if exps is None:
+        last = _last[0]  # one read of the entry: other threads may replace it meanwhile
+        if last is not None and last[0]() is weights and last[1:3] == (weights._version, dtype):
+            return last[3]
+        result = _coefficients(as_dtype(weights, torch.float64), dtype)
+        _last[0] = (weakref.ref(weights), weights._version, dtype, result)
+        return result
+    return _coefficients(torch.ldexp(weights.to(torch.float64), exps.to(torch.float64)), dtype)
+
+
+_last: list[Any] = [None]  # (weakref to the weights, their version, dtype, (c, E)): the last call
+
+
+def _coefficients(full: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
     top = full.abs().amax()
     window = 2.0 ** _window(dtype)
     if 1 / window <= float(top) <= window:
@@ -118,7 +157,7 @@ class ScaledRows:
     def __init__(self, rows: Tensor, *, prescaled: bool = False, exps: Tensor | None = None):
         """``rows`` ``[m, ...]``; ``prescaled``: already scaled by ``2^{-exps}``."""
         rows = rows.reshape(rows.shape[0], -1)
-        rows = rows.to(compute_dtype(rows.dtype))
+        rows = as_dtype(rows, compute_dtype(rows.dtype))
         if not prescaled:
             exps = exponents([rows])
             rows = scale_rows(rows, exps)
