@@ -108,7 +108,7 @@ def _linear_map(
 
     def weighted(w: Tensor) -> Tensor:
         coef, shift = coefficients(w, exps, flat_a.dtype)
-        scaled = (scaled_g * coef[:, None, None]).reshape(b * t, o)
+        scaled = (scaled_g * coef.view(b, 1, 1)).reshape(b * t, o)
         return rescale(scaled.T @ flat_a, shift).view(shape)
 
     if bias_rule is not None:

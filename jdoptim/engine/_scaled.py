@@ -18,6 +18,7 @@ sum is taken in the rows' dtype and multiplied by ``2^E`` at the end.
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from typing import Any
@@ -26,8 +27,10 @@ import torch
 from torch import Tensor
 
 
+@functools.cache
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the closed forms run in: the parameter's, float32 at least."""
+    """The dtype the closed forms run in: the parameter's, float32 at least (a dict look-up:
+    ``torch.promote_types`` is a dispatched call)."""
     return torch.promote_types(dtype, torch.float32)
 
 
