@@ -71,7 +71,8 @@ def exponents_each(groups: list[list[Tensor]]) -> list[Tensor | None]:
 
 
 def _row_amax(piece: Tensor) -> Tensor:
-    return piece.reshape(piece.shape[0], -1).abs().amax(dim=1)
+    rows = piece if piece.ndim == 2 else piece.reshape(piece.shape[0], -1)
+    return rows.abs().amax(dim=1)
 
 
 def add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
