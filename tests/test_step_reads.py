@@ -115,13 +115,19 @@ def test_layers_scaled_apart_within_one_decision(factor):
         torch.testing.assert_close(u.double(), want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
 
 
-def test_coefficients_are_not_reused_after_the_weights_change():
-    """The kept coefficients of the last weights are keyed by the tensor and its version: an
-    in-place change, or other weights, give new coefficients."""
+def test_shared_coefficients_belong_to_their_weights():
+    """Within one step's block, coefficients are shared per weights tensor: other weights (also
+    short-lived ones whose memory a later tensor reuses, as the one-hot rows that materialise a
+    closed form) and other dtypes get their own, and nothing is kept after the block."""
     rows = scaled.ScaledRows(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
-    w = torch.tensor([1.0, 0.0], dtype=torch.float64)
-    torch.testing.assert_close(rows.combine(w), torch.tensor([1.0, 2.0]))
-    w[0], w[1] = 0.0, 1.0
-    torch.testing.assert_close(rows.combine(w), torch.tensor([3.0, 4.0]))
-    small = torch.tensor([2.0**-60, 0.0], dtype=torch.float64)  # out of the window: shifted
-    torch.testing.assert_close(rows.combine(small), torch.tensor([2.0**-60, 2.0**-59]))
+    with scaled.shared_coefficients():
+        for k in (0, 1, 0, 1):  # one-hot weights, each freed before the next is made
+            w = torch.zeros(2, dtype=torch.float64)
+            w[k] = 1.0
+            torch.testing.assert_close(rows.combine(w), rows.scaled[k])
+            del w
+        small = torch.tensor([2.0**-60, 0.0], dtype=torch.float64)  # out of the window: shifted
+        torch.testing.assert_close(rows.combine(small), torch.tensor([2.0**-60, 2.0**-59]))
+        assert scaled.coefficients(small, None, torch.float64)[1] is None  # float64: no shift
+        assert scaled.coefficients(small, None, torch.float32)[1] is not None
+    assert scaled._SHARED.get() is None

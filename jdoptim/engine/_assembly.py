@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from jdoptim.aggregation._bases import checked_finite
 from jdoptim.engine._layer_rules import PerSample, covered, rule_for
 from jdoptim.engine._reduce import total
-from jdoptim.engine._scaled import ScaledRows, as_dtype
+from jdoptim.engine._scaled import ScaledRows, as_dtype, shared_coefficients
 from jdoptim.linalg._finite import all_finite
 
 
@@ -253,6 +253,7 @@ def _finish(
             raise ValueError("the losses do not depend on any parameter of the Jacobian")
         gram = total(blocks)
         weights = checked_weights(gram, weights_from_gramian, "the per-sample gradients")
+    with torch.no_grad(), shared_coefficients():
         for k, rule in rules:
             updates[k] = as_dtype(rule.update(weights), params[k].dtype)
         for k, r in scaled.items():

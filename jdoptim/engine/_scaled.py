@@ -18,9 +18,11 @@ sum is taken in the rows' dtype and multiplied by ``2^E`` at the end.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
-import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -103,27 +105,42 @@ def unscale_gramian(block: Tensor, exps: Tensor | None) -> Tensor:
     return block.to(torch.float64) * torch.outer(scale, scale)
 
 
+@contextlib.contextmanager
+def shared_coefficients() -> Iterator[None]:
+    """Within the block, :func:`coefficients` of exponent-free rows are formed once per weights
+    tensor and dtype: the layers of one step share one host read (the engines hold the weights
+    unchanged while they form the updates)."""
+    token = _SHARED.set({})
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
+
+
+_SHARED: contextvars.ContextVar[dict[Any, Any] | None] = contextvars.ContextVar(
+    "jdoptim_shared_coefficients", default=None
+)
+
+
 def coefficients(
     weights: Tensor, exps: Tensor | None, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor | None]:
     """``c`` in ``dtype`` and ``E`` with ``Σ_i w_i x_i = 2^E Σ_i c_i x̂_i`` (``E = None``: 0).
 
     The float64 coefficients ``w_i 2^{e_i}`` are used as they are when they fit ``dtype``
-    comfortably (one host read decides); otherwise they are brought to ``|c_i| <= 1``. Without
-    ``exps`` the answer depends on ``weights`` and ``dtype`` alone: the last one is kept (keyed
-    weakly by the tensor and its version), so the layers of one step share one host read.
+    comfortably (one host read decides); otherwise they are brought to ``|c_i| <= 1``. Within
+    :func:`shared_coefficients`, the answer without ``exps`` is formed once.
     """
-    if exps is None:
-        last = _last[0]  # one read of the entry: other threads may replace it meanwhile
-        if last is not None and last[0]() is weights and last[1:3] == (weights._version, dtype):
-            return last[3]
-        result = _coefficients(as_dtype(weights, torch.float64), dtype)
-        _last[0] = (weakref.ref(weights), weights._version, dtype, result)
-        return result
-    return _coefficients(torch.ldexp(weights.to(torch.float64), exps.to(torch.float64)), dtype)
-
-
-_last: list[Any] = [None]  # (weakref to the weights, their version, dtype, (c, E)): the last call
+    if exps is not None:
+        full = torch.ldexp(as_dtype(weights, torch.float64), exps.to(torch.float64))
+        return _coefficients(full, dtype)
+    shared = _SHARED.get()
+    if shared is None:
+        return _coefficients(as_dtype(weights, torch.float64), dtype)
+    key = (id(weights), dtype)  # the entry holds the tensor: its id is not reused meanwhile
+    if key not in shared:
+        shared[key] = (weights, _coefficients(as_dtype(weights, torch.float64), dtype))
+    return shared[key][1]
 
 
 def _coefficients(full: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
