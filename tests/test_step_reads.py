@@ -131,3 +131,44 @@ def test_shared_coefficients_belong_to_their_weights():
         assert scaled.coefficients(small, None, torch.float64)[1] is None  # float64: no shift
         assert scaled.coefficients(small, None, torch.float32)[1] is not None
     assert scaled._SHARED.get() is None
+
+
+class _Twice(nn.Module):
+    """One Linear called on two inputs (two recorded calls of one module)."""
+
+    def __init__(self, d: int, o: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d, o)
+
+    def forward(self, x):
+        return self.fc(x) + self.fc(x.flip(-1))
+
+
+@pytest.mark.parametrize(
+    ("model", "shape"),
+    [
+        (nn.Linear(1, 1), (7, 1)),  # [B, d] inputs, per-sample gradients materialised
+        (nn.Linear(5, 3), (7, 5)),  # [B, d] inputs, kernel form
+        (_Twice(4, 2), (7, 4)),  # two [B, d] calls, concatenated
+        (nn.Linear(4, 2), (7, 3, 4)),  # [B, T, d] inputs
+    ],
+    ids=["1x1", "5x3", "twice", "sequence"],
+)
+def test_linear_closed_forms_match_jacrev(model, shape):
+    """The Linear rule on ``[B, d]`` inputs (no reshape to ``[B, 1, d]``), on several calls and
+    on sequences: Gramian and update equal to float64 ``jacrev``."""
+    torch.manual_seed(5)
+    x = torch.randn(*shape)
+
+    def losses_of(out):
+        return out.reshape(out.shape[0], -1).pow(2).sum(dim=1)
+
+    params = list(model.parameters())
+    engine = PerSampleEngine(lambda: params, modules=[model])
+    seen = []
+    updates, gram = engine.gramian_step(losses_of(model(x)), params, _capture(seen))
+    assert len(seen) == 1
+    jac = _jacobian64(model, x, losses_of)
+    torch.testing.assert_close(gram, _gramian(jac), rtol=1e-5, atol=1e-5)
+    for (name, _), u in zip(model.named_parameters(), updates, strict=True):
+        torch.testing.assert_close(u.double(), jac[name].mean(0), rtol=1e-5, atol=1e-6)

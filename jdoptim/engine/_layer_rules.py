@@ -50,10 +50,6 @@ class PerSample:
     update: Callable[[Tensor], Tensor]
 
 
-class UnsupportedLayerError(RuntimeError):
-    """Raised for layers whose per-sample gradients are not defined (they mix samples)."""
-
-
 def _rows(
     per_sample: Tensor, shape: torch.Size, prescaled: bool = False, exps: Tensor | None = None
 ) -> PerSample:
@@ -71,8 +67,9 @@ def _linear_map(
     exps: list[Tensor | None] | None = None,
 ) -> tuple[PerSample, PerSample | None]:
     """Per-sample closed form of ``y_t = W a_t (+ b)`` over positions ``t``: ``inputs
-    [B, T, d]``, ``grads [B, T, o]``; the weight has ``shape`` with ``o·d`` elements, the bias
-    (if any) the shape ``bias``. Returns the rules of the weight and of the bias.
+    [B, T, d]``, ``grads [B, T, o]`` (or ``[B, d]``, ``[B, o]``: ``T = 1``); the weight has
+    ``shape`` with ``o·d`` elements, the bias (if any) the shape ``bias``. Returns the rules of
+    the weight and of the bias.
 
     Two exact ways to the weight's Gramian; the one with fewer operations is used. The kernel
     form ``Σ_{t,s} (A_i A_jᵀ)_{ts} (Gₒ_i Gₒ_jᵀ)_{ts}`` costs ``(BT)²(d + o)`` and never forms a
@@ -83,16 +80,18 @@ def _linear_map(
     Inputs and gradients are scaled per sample by powers of two (:mod:`jdoptim.engine._scaled`),
     by ``exps`` when given (the :func:`exponents` of ``inputs`` and of ``grads``).
     """
-    b, t, d = inputs.shape
-    o = grads.shape[2]
+    (b, d), o = (inputs.shape[0], inputs.shape[-1]), grads.shape[-1]
+    t = 1 if inputs.ndim == 2 else inputs.shape[1]
     exps_a, exps_g = exponents_each([[inputs], [grads]]) if exps is None else exps
     scaled_a, scaled_g = scale_rows(inputs, exps_a), scale_rows(grads, exps_g)
     exps = add(exps_a, exps_g)
-    bias_rule = None if bias is None else _rows(scaled_g.sum(dim=1), bias, True, exps_g)
+    summed_g = scaled_g if scaled_g.ndim == 2 else scaled_g.sum(dim=1)  # the bias's gradients
+    bias_rule = None if bias is None else _rows(summed_g, bias, True, exps_g)
     if (b * t) ** 2 * (d + o) > b * t * o * d + b * b * o * d:
-        weight = _rows(torch.einsum("bto,btd->bod", scaled_g, scaled_a), shape, True, exps)
+        g3, a3 = scaled_g.reshape(b, t, o), scaled_a.reshape(b, t, d)
+        weight = _rows(torch.einsum("bto,btd->bod", g3, a3), shape, True, exps)
         return weight, bias_rule
-    flat_a, flat_g = scaled_a.reshape(b * t, d), scaled_g.reshape(b * t, o)
+    flat_a, flat_g = _flat(scaled_a), _flat(scaled_g)
     kernels: list[Tensor] = []  # G_o G_oᵀ, formed once for the weight and the bias
 
     def gg() -> Tensor:
@@ -108,7 +107,7 @@ def _linear_map(
 
     def weighted(w: Tensor) -> Tensor:
         coef, shift = coefficients(w, exps, flat_a.dtype)
-        scaled = (scaled_g * coef.view(b, 1, 1)).reshape(b * t, o)
+        scaled = _flat(scaled_g * coef.view(b, *(1,) * (scaled_g.ndim - 1)))
         return rescale(scaled.T @ flat_a, shift).view(shape)
 
     if bias_rule is not None:
@@ -139,6 +138,11 @@ def _sequence(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
+def _flat(x: Tensor) -> Tensor:
+    """``[B, T, d]`` → ``[B·T, d]`` (``[B, d]`` as it is: no dispatched view)."""
+    return x if x.ndim == 2 else x.reshape(-1, x.shape[-1])
+
+
 Calls = list[tuple[Tensor, ...]]
 """The ``(input, output gradient)`` pairs of every call of a module during one forward pass
 (followed by the call's context, for attention: its masks)."""
@@ -148,6 +152,8 @@ def _linear(
     module: nn.Linear, calls: Calls, exps: list[Tensor | None] | None = None
 ) -> dict[str, PerSample]:
     """``exps``: the exponents of the groups :func:`exponent_groups` names, when known."""
+    if len(calls) == 1 and calls[0][0].ndim == 2:  # [B, d]: no reshapes, T = 1
+        return _weight_and_bias(calls[0][0], calls[0][1], module.weight, module.bias, exps=exps)
     a, g = (_joined([_sequence(c[i]) for c in calls]) for i in (0, 1))
     return _weight_and_bias(a, g, module.weight, module.bias, exps=exps)
 
@@ -253,23 +259,6 @@ def covered(module: nn.Module) -> list[tuple[str, Tensor]]:
     """The parameters whose per-sample gradients a module's rule gives, by name (attention's
     include its ``out_proj``'s, which it calls functionally)."""
     return list(module.named_parameters(recurse=attention.supports(module)))
-
-
-def mixes_samples(module: nn.Module) -> bool:
-    """Whether ``module`` normalises with statistics of the whole batch (BatchNorm in training
-    mode, or without running statistics), so that no per-sample loss depends on one sample."""
-    return isinstance(module, nn.modules.batchnorm._BatchNorm) and (
-        module.training or module.running_mean is None
-    )
-
-
-def mixing_error(module: nn.Module) -> UnsupportedLayerError:
-    """The error raised when a sample-mixing layer is in the graph of per-sample losses."""
-    return UnsupportedLayerError(
-        f"{type(module).__name__} in training mode normalises with statistics of the whole batch, "
-        "so each per-sample loss depends on every sample and batch_dim=0 does not hold: put the "
-        "layer in eval mode, use GroupNorm/LayerNorm, or build the optimizer without batch_dim"
-    )
 
 
 Rule = Callable[[nn.Module, Calls], dict[str, PerSample]]

@@ -27,14 +27,8 @@ from jdoptim.engine import _attention as attention
 from jdoptim.engine._assembly import SamplePart, _ModulePart, combine_parts
 from jdoptim.engine._graph import GraphWalk
 from jdoptim.engine._jacobian import JacobianEngine
-from jdoptim.engine._layer_rules import (
-    covered,
-    exponent_groups,
-    mixes_samples,
-    mixing_error,
-    rule_for,
-)
-from jdoptim.engine._mixing import check_per_sample
+from jdoptim.engine._layer_rules import covered, exponent_groups, rule_for
+from jdoptim.engine._mixing import check_per_sample, mixes_samples, mixing_error
 from jdoptim.engine._recording import HookedEngine, Record, Recorder
 from jdoptim.engine._scaled import compute_dtype, exponents_each
 
