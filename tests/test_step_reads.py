@@ -86,6 +86,17 @@ class _Shrink(nn.Module):
         return x * self.factor
 
 
+def _step_and_reference(model, x, losses_of):
+    """The per-sample engine's updates and Gramian (one weighting call), and the per-loss
+    gradients of a float64 copy of ``model`` by ``jacrev``."""
+    params = list(model.parameters())
+    engine = PerSampleEngine(lambda: params, modules=[model])
+    seen = []
+    updates, gram = engine.gramian_step(losses_of(model(x)), params, _capture(seen))
+    assert len(seen) == 1
+    return updates, gram, _jacobian64(model, x, losses_of)
+
+
 @pytest.mark.parametrize("factor", [2.0**-100, 2.0**70])
 def test_layers_scaled_apart_within_one_decision(factor):
     """Between two linear layers a factor of ``2^-100`` (or ``2^70``): the first layer's output
@@ -99,12 +110,7 @@ def test_layers_scaled_apart_within_one_decision(factor):
     def losses_of(out):
         return out.sum(dim=1) / factor**0.5
 
-    params = list(model.parameters())
-    engine = PerSampleEngine(lambda: params, modules=[model])
-    seen = []
-    updates, gram = engine.gramian_step(losses_of(model(x)), params, _capture(seen))
-    assert len(seen) == 1
-    jac = _jacobian64(model, x, losses_of)
+    updates, gram, jac = _step_and_reference(model, x, losses_of)
     expected = _gramian(jac)
     d = expected.diagonal().sqrt()
     torch.testing.assert_close(
@@ -163,12 +169,7 @@ def test_linear_closed_forms_match_jacrev(model, shape):
     def losses_of(out):
         return out.reshape(out.shape[0], -1).pow(2).sum(dim=1)
 
-    params = list(model.parameters())
-    engine = PerSampleEngine(lambda: params, modules=[model])
-    seen = []
-    updates, gram = engine.gramian_step(losses_of(model(x)), params, _capture(seen))
-    assert len(seen) == 1
-    jac = _jacobian64(model, x, losses_of)
+    updates, gram, jac = _step_and_reference(model, x, losses_of)
     torch.testing.assert_close(gram, _gramian(jac), rtol=1e-5, atol=1e-5)
     for (name, _), u in zip(model.named_parameters(), updates, strict=True):
         torch.testing.assert_close(u.double(), jac[name].mean(0), rtol=1e-5, atol=1e-6)
