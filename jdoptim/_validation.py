@@ -48,13 +48,12 @@ def as_loss_vector(losses: object, *, check_finite: bool = True) -> Tensor:
             "the losses do not require grad: were they computed under torch.no_grad(), "
             "detached, or from parameters with requires_grad=False?"
         )
-    if check_finite:
+    if check_finite and not bool(torch.isfinite(vector.detach()).all()):  # one host read
         bad = (~torch.isfinite(vector.detach())).nonzero().flatten()
-        if bad.numel() > 0:
-            raise ValueError(
-                f"the losses contain NaN or inf at indices {bad.tolist()[:10]}: "
-                f"values {vector.detach()[bad[:10]].tolist()}"
-            )
+        raise ValueError(
+            f"the losses contain NaN or inf at indices {bad.tolist()[:10]}: "
+            f"values {vector.detach()[bad[:10]].tolist()}"
+        )
     return vector
 
 

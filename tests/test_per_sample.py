@@ -374,7 +374,7 @@ def test_linear_rule_weight_and_bias_against_float64_per_sample_gradients(t, d, 
 def test_embedding_gramian_equals_explicit_per_sample_gradients(dominant, dtype):
     """The embedding rule's Gramian (indices grouped, or the kernel form when one index fills
     most positions) against the Gramian of explicitly scattered per-sample gradients."""
-    from jdoptim.engine._layer_rules import _token_gramian
+    from jdoptim.engine._tokens import token_gramian
 
     g = torch.Generator().manual_seed(3)
     b, t, vocab, d = 6, 5, 7, 3
@@ -387,7 +387,7 @@ def test_embedding_gramian_equals_explicit_per_sample_gradients(dominant, dtype)
         per_sample[i].index_add_(0, idx[i], grads[i])
     flat = per_sample.reshape(b, -1)
     expected = flat @ flat.T
-    got = _token_gramian(idx.reshape(-1), grads.reshape(-1, d).to(dtype), b, t)
+    got = token_gramian(idx.reshape(-1), grads.reshape(-1, d).to(dtype), b, t)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(got.double(), expected, rtol=tol, atol=tol * expected.abs().max())
 

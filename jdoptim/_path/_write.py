@@ -9,6 +9,7 @@ from torch import Tensor
 
 from jdoptim._fsdp import local
 from jdoptim._validation import NonFiniteError, all_finite
+from jdoptim.engine._scaled import as_dtype
 
 
 def check_finite_updates(params: Sequence[Tensor], updates: Sequence[Tensor | None]) -> None:
@@ -33,7 +34,7 @@ def write(params: Sequence[Tensor], updates: Sequence[Tensor | None], scale: flo
         for p, u in zip(params, updates, strict=True):
             if u is None:
                 continue
-            u = (u if scale is None else u * scale).to(p.dtype)
+            u = as_dtype(u if scale is None else u * scale, p.dtype)
             grads.append((p, u if p.grad is None else p.grad + u))
     for p, g in grads:
         p.grad = g

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from jdoptim.aggregation._bases import checked_finite
 from jdoptim.engine._layer_rules import PerSample, covered, rule_for
 from jdoptim.engine._reduce import total
-from jdoptim.engine._scaled import ScaledRows
+from jdoptim.engine._scaled import ScaledRows, as_dtype, shared_coefficients
 from jdoptim.linalg._finite import all_finite
 
 
@@ -37,7 +37,7 @@ def checked_weights(
     if not all_finite([gram]):
         raise NonFiniteGramianError(f"{what} hold NaN or inf")
     with checked_finite(gram):
-        return weights_from_gramian(gram).to(torch.float64)
+        return as_dtype(weights_from_gramian(gram), torch.float64)
 
 
 class _ModulePart:
@@ -253,10 +253,11 @@ def _finish(
             raise ValueError("the losses do not depend on any parameter of the Jacobian")
         gram = total(blocks)
         weights = checked_weights(gram, weights_from_gramian, "the per-sample gradients")
+    with torch.no_grad(), shared_coefficients():
         for k, rule in rules:
-            updates[k] = rule.update(weights).to(params[k].dtype)
+            updates[k] = as_dtype(rule.update(weights), params[k].dtype)
         for k, r in scaled.items():
-            updates[k] = r.combine(weights).view_as(params[k]).to(params[k].dtype)
+            updates[k] = as_dtype(r.combine(weights).view_as(params[k]), params[k].dtype)
         for k, parts in sums.items():
             updates[k] = total(parts)
     return updates, gram

@@ -48,6 +48,7 @@ from jdoptim.engine._scaled import (
     exponents,
     rescale,
     scale_rows,
+    shared_coefficients,
     unscale_gramian,
 )
 
@@ -239,6 +240,7 @@ def layer_step(
         gram = total(blocks)
         weights = checked_weights(gram, weights_from_gramian, "the gradients")
         updates: dict[int, Tensor] = {}
+    with torch.no_grad(), shared_coefficients():
         for call in calls:
             updates.update(call.updates(weights))
         for i, j in rows.items():

@@ -31,10 +31,12 @@ from jdoptim.engine._scaled import (
     add,
     coefficients,
     exponents,
+    exponents_each,
     rescale,
     scale_rows,
     unscale_gramian,
 )
+from jdoptim.engine._tokens import token_gramian
 
 
 @dataclass
@@ -48,10 +50,6 @@ class PerSample:
     update: Callable[[Tensor], Tensor]
 
 
-class UnsupportedLayerError(RuntimeError):
-    """Raised for layers whose per-sample gradients are not defined (they mix samples)."""
-
-
 def _rows(
     per_sample: Tensor, shape: torch.Size, prescaled: bool = False, exps: Tensor | None = None
 ) -> PerSample:
@@ -62,11 +60,16 @@ def _rows(
 
 
 def _linear_map(
-    inputs: Tensor, grads: Tensor, shape: torch.Size, bias: torch.Size | None = None
+    inputs: Tensor,
+    grads: Tensor,
+    shape: torch.Size,
+    bias: torch.Size | None = None,
+    exps: list[Tensor | None] | None = None,
 ) -> tuple[PerSample, PerSample | None]:
     """Per-sample closed form of ``y_t = W a_t (+ b)`` over positions ``t``: ``inputs
-    [B, T, d]``, ``grads [B, T, o]``; the weight has ``shape`` with ``o·d`` elements, the bias
-    (if any) the shape ``bias``. Returns the rules of the weight and of the bias.
+    [B, T, d]``, ``grads [B, T, o]`` (or ``[B, d]``, ``[B, o]``: ``T = 1``); the weight has
+    ``shape`` with ``o·d`` elements, the bias (if any) the shape ``bias``. Returns the rules of
+    the weight and of the bias.
 
     Two exact ways to the weight's Gramian; the one with fewer operations is used. The kernel
     form ``Σ_{t,s} (A_i A_jᵀ)_{ts} (Gₒ_i Gₒ_jᵀ)_{ts}`` costs ``(BT)²(d + o)`` and never forms a
@@ -74,18 +77,21 @@ def _linear_map(
     ``BTod + B²od`` and ``B·o·d`` memory (small layers, long sequences). The bias's per-sample
     gradient is ``1ᵀ Gₒ_i``, so its Gramian ``Σ_{t,s} (Gₒ_i Gₒ_jᵀ)_{ts}`` reuses the kernel
     form's ``Gₒ Gₒᵀ`` (a quarter to a half of the Gramian's work at large ``B``).
-    Inputs and gradients are scaled per sample by powers of two (:mod:`jdoptim.engine._scaled`).
+    Inputs and gradients are scaled per sample by powers of two (:mod:`jdoptim.engine._scaled`),
+    by ``exps`` when given (the :func:`exponents` of ``inputs`` and of ``grads``).
     """
-    b, t, d = inputs.shape
-    o = grads.shape[2]
-    exps_a, exps_g = exponents([inputs]), exponents([grads])
+    (b, d), o = (inputs.shape[0], inputs.shape[-1]), grads.shape[-1]
+    t = 1 if inputs.ndim == 2 else inputs.shape[1]
+    exps_a, exps_g = exponents_each([[inputs], [grads]]) if exps is None else exps
     scaled_a, scaled_g = scale_rows(inputs, exps_a), scale_rows(grads, exps_g)
     exps = add(exps_a, exps_g)
-    bias_rule = None if bias is None else _rows(scaled_g.sum(dim=1), bias, True, exps_g)
+    summed_g = scaled_g if scaled_g.ndim == 2 else scaled_g.sum(dim=1)  # the bias's gradients
+    bias_rule = None if bias is None else _rows(summed_g, bias, True, exps_g)
     if (b * t) ** 2 * (d + o) > b * t * o * d + b * b * o * d:
-        weight = _rows(torch.einsum("bto,btd->bod", scaled_g, scaled_a), shape, True, exps)
+        g3, a3 = scaled_g.reshape(b, t, o), scaled_a.reshape(b, t, d)
+        weight = _rows(torch.einsum("bto,btd->bod", g3, a3), shape, True, exps)
         return weight, bias_rule
-    flat_a, flat_g = scaled_a.reshape(b * t, d), scaled_g.reshape(b * t, o)
+    flat_a, flat_g = _flat(scaled_a), _flat(scaled_g)
     kernels: list[Tensor] = []  # G_o G_oᵀ, formed once for the weight and the bias
 
     def gg() -> Tensor:
@@ -101,7 +107,7 @@ def _linear_map(
 
     def weighted(w: Tensor) -> Tensor:
         coef, shift = coefficients(w, exps, flat_a.dtype)
-        scaled = (scaled_g * coef[:, None, None]).reshape(b * t, o)
+        scaled = _flat(scaled_g * coef.view(b, *(1,) * (scaled_g.ndim - 1)))
         return rescale(scaled.T @ flat_a, shift).view(shape)
 
     if bias_rule is not None:
@@ -110,11 +116,21 @@ def _linear_map(
 
 
 def _weight_and_bias(
-    inputs: Tensor, grads: Tensor, weight: Tensor, bias: Tensor | None, prefix: str = ""
+    inputs: Tensor,
+    grads: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    prefix: str = "",
+    exps: list[Tensor | None] | None = None,
 ) -> dict[str, PerSample]:
     """The rules of a linear map's ``weight`` and ``bias`` (named with ``prefix``)."""
-    w, b = _linear_map(inputs, grads, weight.shape, None if bias is None else bias.shape)
+    w, b = _linear_map(inputs, grads, weight.shape, None if bias is None else bias.shape, exps)
     return {f"{prefix}weight": w} | ({} if b is None else {f"{prefix}bias": b})
+
+
+def _joined(pieces: list[Tensor]) -> Tensor:
+    """The calls' pieces along dim 1 (no copy for a single call)."""
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
 
 
 def _sequence(x: Tensor) -> Tensor:
@@ -122,15 +138,31 @@ def _sequence(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
+def _flat(x: Tensor) -> Tensor:
+    """``[B, T, d]`` → ``[B·T, d]`` (``[B, d]`` as it is: no dispatched view)."""
+    return x if x.ndim == 2 else x.reshape(-1, x.shape[-1])
+
+
 Calls = list[tuple[Tensor, ...]]
 """The ``(input, output gradient)`` pairs of every call of a module during one forward pass
 (followed by the call's context, for attention: its masks)."""
 
 
-def _linear(module: nn.Linear, calls: Calls) -> dict[str, PerSample]:
-    a = torch.cat([_sequence(x) for x, _ in calls], dim=1)
-    g = torch.cat([_sequence(y) for _, y in calls], dim=1)
-    return _weight_and_bias(a, g, module.weight, module.bias)
+def _linear(
+    module: nn.Linear, calls: Calls, exps: list[Tensor | None] | None = None
+) -> dict[str, PerSample]:
+    """``exps``: the exponents of the groups :func:`exponent_groups` names, when known."""
+    if len(calls) == 1 and calls[0][0].ndim == 2:  # [B, d]: no reshapes, T = 1
+        return _weight_and_bias(calls[0][0], calls[0][1], module.weight, module.bias, exps=exps)
+    a, g = (_joined([_sequence(c[i]) for c in calls]) for i in (0, 1))
+    return _weight_and_bias(a, g, module.weight, module.bias, exps=exps)
+
+
+def exponent_groups(module: nn.Module, calls: Calls) -> list[list[Tensor]]:
+    """The pieces whose :func:`exponents` the rule of ``module`` takes as ``exps=`` (so that one
+    host read serves a whole step): a ``Linear``'s inputs and its output gradients, whose rows
+    hold the same values as the rule's concatenations; none for the other rules."""
+    return [[c[0] for c in calls], [c[1] for c in calls]] if rule_for(module) is _linear else []
 
 
 def _unfold(module: nn.Conv1d | nn.Conv2d, inputs: Tensor, grads: Tensor) -> tuple[Tensor, Tensor]:
@@ -153,15 +185,15 @@ def _unfold(module: nn.Conv1d | nn.Conv2d, inputs: Tensor, grads: Tensor) -> tup
 
 def _conv(module: nn.Conv1d | nn.Conv2d, calls: Calls) -> dict[str, PerSample]:
     unfolded = [_unfold(module, x, y) for x, y in calls]
-    a = torch.cat([u[0] for u in unfolded], dim=1)
-    g = torch.cat([u[1] for u in unfolded], dim=1)
+    a = _joined([u[0] for u in unfolded])
+    g = _joined([u[1] for u in unfolded])
     return _weight_and_bias(a, g, module.weight, module.bias)
 
 
 def _embedding(module: nn.Embedding, calls: Calls) -> dict[str, PerSample]:
     b = calls[0][0].shape[0]
-    idx = torch.cat([x.reshape(b, -1) for x, _ in calls], dim=1)
-    g = torch.cat([y.reshape(b, -1, y.shape[-1]) for _, y in calls], dim=1)
+    idx = _joined([x.reshape(b, -1) for x, _ in calls])
+    g = _joined([y.reshape(b, -1, y.shape[-1]) for _, y in calls])
     if module.padding_idx is not None:
         g = g * (idx != module.padding_idx).unsqueeze(-1).to(g.dtype)
     exps = exponents([g])
@@ -170,7 +202,7 @@ def _embedding(module: nn.Embedding, calls: Calls) -> dict[str, PerSample]:
 
     def gramian() -> Tensor:
         flat_i, flat_g = idx.reshape(-1), g.reshape(-1, g.shape[-1])
-        return unscale_gramian(_token_gramian(flat_i, flat_g, b, t), exps)
+        return unscale_gramian(token_gramian(flat_i, flat_g, b, t), exps)
 
     def weighted(w: Tensor) -> Tensor:
         coef, shift = coefficients(w, exps, g.dtype)
@@ -214,10 +246,10 @@ def _group_norm(module: nn.GroupNorm, calls: Calls) -> dict[str, PerSample]:
 def _self_attention(module: nn.MultiheadAttention, calls: Calls) -> dict[str, PerSample]:
     """Both projections of self-attention (see :mod:`jdoptim.engine._attention`)."""
     replayed = [attention.projections(module, *call) for call in calls]  # (x, g, *masks)
-    x = torch.cat([call[0] for call in calls], dim=1)
-    g = torch.cat([call[1] for call in calls], dim=1)
-    o = torch.cat([r[0] for r in replayed], dim=1)
-    g_qkv = torch.cat([r[1] for r in replayed], dim=1)
+    x = _joined([call[0] for call in calls])
+    g = _joined([call[1] for call in calls])
+    o = _joined([r[0] for r in replayed])
+    g_qkv = _joined([r[1] for r in replayed])
     rules = _weight_and_bias(x, g_qkv, module.in_proj_weight, module.in_proj_bias, "in_proj_")
     out = _weight_and_bias(o, g, module.out_proj.weight, module.out_proj.bias)
     return rules | {f"out_proj.{name}": rule for name, rule in out.items()}
@@ -227,23 +259,6 @@ def covered(module: nn.Module) -> list[tuple[str, Tensor]]:
     """The parameters whose per-sample gradients a module's rule gives, by name (attention's
     include its ``out_proj``'s, which it calls functionally)."""
     return list(module.named_parameters(recurse=attention.supports(module)))
-
-
-def mixes_samples(module: nn.Module) -> bool:
-    """Whether ``module`` normalises with statistics of the whole batch (BatchNorm in training
-    mode, or without running statistics), so that no per-sample loss depends on one sample."""
-    return isinstance(module, nn.modules.batchnorm._BatchNorm) and (
-        module.training or module.running_mean is None
-    )
-
-
-def mixing_error(module: nn.Module) -> UnsupportedLayerError:
-    """The error raised when a sample-mixing layer is in the graph of per-sample losses."""
-    return UnsupportedLayerError(
-        f"{type(module).__name__} in training mode normalises with statistics of the whole batch, "
-        "so each per-sample loss depends on every sample and batch_dim=0 does not hold: put the "
-        "layer in eval mode, use GroupNorm/LayerNorm, or build the optimizer without batch_dim"
-    )
 
 
 Rule = Callable[[nn.Module, Calls], dict[str, PerSample]]
@@ -278,33 +293,3 @@ def rule_for(module: nn.Module) -> Rule | None:
     if attention.supports(module):
         return _self_attention
     return None
-
-
-def _token_gramian(flat_i: Tensor, flat_g: Tensor, b: int, t: int) -> Tensor:
-    """``Σ_{t,s} [i_{at} = i_{bs}] ⟨g_{at}, g_{bs}⟩`` for samples ``a, b``: an embedding's
-    per-sample Gramian from its ``B·T`` looked-up indices and output gradients.
-
-    Only positions holding the same index interact, so the positions are grouped by index and
-    each group's ``n × n`` block of inner products is added into the ``B × B`` Gramian:
-    ``Σ_v n_v² d`` operations (groups padded to the largest, ``U · n_max² · d``) instead of the
-    kernel form's ``(BT)² d``, which stays the choice when one index fills most positions.
-    """
-    d = flat_g.shape[1]
-    # One sort: positions in index order, then each index's group and its size.
-    sorted_i, order = torch.sort(flat_i, stable=True)
-    _, group, counts = torch.unique_consecutive(sorted_i, return_inverse=True, return_counts=True)
-    n_max = int(counts.max())
-    if counts.numel() * n_max * n_max * (d + 1) >= (b * t) ** 2 * (d + 2):
-        kernel = (flat_i[:, None] == flat_i[None, :]).to(flat_g.dtype) * (flat_g @ flat_g.T)
-        return kernel.view(b, t, b, t).sum(dim=(1, 3))
-    pos = torch.arange(b * t, device=flat_g.device) - (torch.cumsum(counts, 0) - counts)[group]
-    padded = flat_g.new_zeros(counts.numel(), n_max, d)
-    padded[group, pos] = flat_g[order]
-    # Padding positions belong to a dummy sample ``b``, dropped at the end.
-    sample = torch.full((counts.numel(), n_max), b, dtype=torch.long, device=flat_g.device)
-    sample[group, pos] = torch.arange(b, device=flat_g.device).repeat_interleave(t)[order]
-    blocks = padded @ padded.transpose(1, 2)
-    pairs = sample[:, :, None] * (b + 1) + sample[:, None, :]
-    out = flat_g.new_zeros((b + 1) * (b + 1))
-    out.index_add_(0, pairs.reshape(-1), blocks.reshape(-1))
-    return out.view(b + 1, b + 1)[:b, :b]

@@ -23,7 +23,26 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from jdoptim.engine._layer_rules import UnsupportedLayerError
+
+class UnsupportedLayerError(RuntimeError):
+    """Raised for layers whose per-sample gradients are not defined (they mix samples)."""
+
+
+def mixes_samples(module: nn.Module) -> bool:
+    """Whether ``module`` normalises with statistics of the whole batch (BatchNorm in training
+    mode, or without running statistics), so that no per-sample loss depends on one sample."""
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and (
+        module.training or module.running_mean is None
+    )
+
+
+def mixing_error(module: nn.Module) -> UnsupportedLayerError:
+    """The error raised when a sample-mixing layer is in the graph of per-sample losses."""
+    return UnsupportedLayerError(
+        f"{type(module).__name__} in training mode normalises with statistics of the whole batch, "
+        "so each per-sample loss depends on every sample and batch_dim=0 does not hold: put the "
+        "layer in eval mode, use GroupNorm/LayerNorm, or build the optimizer without batch_dim"
+    )
 
 
 class SampleMixingError(UnsupportedLayerError):

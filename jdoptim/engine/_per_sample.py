@@ -27,10 +27,10 @@ from jdoptim.engine import _attention as attention
 from jdoptim.engine._assembly import SamplePart, _ModulePart, combine_parts
 from jdoptim.engine._graph import GraphWalk
 from jdoptim.engine._jacobian import JacobianEngine
-from jdoptim.engine._layer_rules import covered, mixes_samples, mixing_error, rule_for
-from jdoptim.engine._mixing import check_per_sample
+from jdoptim.engine._layer_rules import covered, exponent_groups, rule_for
+from jdoptim.engine._mixing import check_per_sample, mixes_samples, mixing_error
 from jdoptim.engine._recording import HookedEngine, Record, Recorder
-from jdoptim.engine._scaled import compute_dtype
+from jdoptim.engine._scaled import compute_dtype, exponents_each
 
 
 def _recorded(module: nn.Module) -> bool:
@@ -122,7 +122,7 @@ class PerSampleEngine(HookedEngine):
                 raise mixing_error(record.module)
         index = {id(p): k for k, p in enumerate(params)}
         closed = _closed_calls(walk, index, m, summed_only)
-        explained = {k for _, ks in closed.values() for k in ks}
+        explained = {k for _, ks, _ in closed.values() for k in ks}
         reached = [k for k, p in enumerate(params) if id(p) in walk.uses]
         if not reached:
             raise ValueError("the losses do not depend on any parameter of the wrapped optimizer")
@@ -130,7 +130,7 @@ class PerSampleEngine(HookedEngine):
         fallback = [k for k in reached if k not in explained and id(params[k]) not in summed_only]
         edges = [
             (module, node, record)
-            for module, (calls, _) in closed.items()
+            for module, (calls, _, _) in closed.items()
             for node, record in calls
         ]
         inputs = [GradientEdge(node, r.output_nr) for _, node, r in edges] + [
@@ -174,21 +174,29 @@ class PerSampleEngine(HookedEngine):
         return SamplePart(m, summed, modules, rows, [id(p) in summed_only for p in params])
 
 
+Closed = dict[nn.Module, tuple[list[tuple[object, Record]], list[int], list[tuple[str, Tensor]]]]
+
+
 def _closed_calls(
     walk: GraphWalk, index: dict[int, int], m: int, summed_only: frozenset[int]
-) -> dict[nn.Module, tuple[list[tuple[object, Record]], list[int]]]:
-    """Per module: its recorded calls in the loss graph and the parameters they explain.
+) -> Closed:
+    """Per module: its recorded calls in the loss graph, the indices of the parameters they
+    explain and the parameters its rule covers (:func:`covered`, by name).
 
     A parameter is explained when one module's calls are all its uses in the graph; the calls
     must be per-sample (batch size ``m``) with their inputs intact.
     """
     calls: dict[nn.Module, list[tuple[object, Record]]] = {}
     for node, record in walk.records:
-        if rule_for(record.module) is not None:
-            calls.setdefault(record.module, []).append((node, record))
+        found = calls.get(record.module)
+        if found is None and rule_for(record.module) is not None:
+            found = calls[record.module] = []
+        if found is not None:
+            found.append((node, record))
+    named = {module: covered(module) for module in calls}
     owners: dict[int, int] = {}
-    for module in calls:
-        for _, p in covered(module):
+    for pairs in named.values():
+        for _, p in pairs:
             owners[id(p)] = owners.get(id(p), 0) + 1
     result = {}
     for module, found in calls.items():
@@ -196,19 +204,19 @@ def _closed_calls(
             continue
         ks = [
             index[id(p)]
-            for _, p in covered(module)
+            for _, p in named[module]
             if id(p) in index
             and id(p) not in summed_only
             and owners[id(p)] == 1
             and walk.uses.get(id(p)) == len(found)
         ]
         if ks:
-            result[module] = (found, ks)
+            result[module] = (found, ks, named[module])
     return result
 
 
 def _module_parts(
-    closed: dict[nn.Module, tuple[list[tuple[object, Record]], list[int]]],
+    closed: Closed,
     edges: list[tuple[nn.Module, object, Record]],
     out_grads: list[Tensor | None],
     params: Sequence[Tensor],
@@ -217,18 +225,26 @@ def _module_parts(
     """The closed forms of the explained parameters, from the recorded inputs and gradients."""
     pairs: dict[nn.Module, list[tuple[Tensor, ...]]] = {}  # (x, g, *the call's context)
     for (module, _, record), g in zip(edges, out_grads, strict=True):
-        dtype = compute_dtype(next(module.parameters()).dtype)
+        dtype = compute_dtype(closed[module][2][0][1].dtype)
         if g is None:  # an output that the losses reach with a zero gradient
             g = torch.zeros(record.shape, device=record.input.device)
         x = record.input
-        x = x.to(dtype) if x.is_floating_point() else x
-        g = g.to(dtype) if unscale == 1.0 else g.to(dtype) / unscale
+        x = x.to(dtype) if x.is_floating_point() and x.dtype != dtype else x
+        g = g if g.dtype == dtype else g.to(dtype)
+        g = g if unscale == 1.0 else g / unscale
         pairs.setdefault(module, []).append((x, g, *record.context))
     parts = []
     with torch.no_grad():
-        for module, (_, ks) in closed.items():
-            per_param = rule_for(module)(module, pairs[module])
-            names = {id(p): name for name, p in covered(module)}
+        # One host read decides the scaling of every layer that takes its exponents.
+        groups = {module: exponent_groups(module, pairs[module]) for module in closed}
+        exps = iter(exponents_each([g for gs in groups.values() for g in gs]))
+        for module, (_, ks, named) in closed.items():
+            known = [next(exps) for _ in groups[module]]
+            calls = pairs[module]
+            per_param = (
+                rule_for(module)(module, calls, known) if known else rule_for(module)(module, calls)
+            )
+            names = {id(p): name for name, p in named}
             rules = {k: per_param[names[id(params[k])]] for k in ks}
             parts.append(_ModulePart(module, pairs[module], rules))
     return parts

@@ -18,15 +18,27 @@ sum is taken in the rows' dtype and multiplied by ``2^E`` at the end.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import math
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
 
 
+@functools.cache
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the closed forms run in: the parameter's, float32 at least."""
+    """The dtype the closed forms run in: the parameter's, float32 at least (a dict look-up:
+    ``torch.promote_types`` is a dispatched call)."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def as_dtype(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x.to(dtype)``, skipping the call (a dispatch) when ``x`` already has ``dtype``."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def _window(dtype: torch.dtype) -> int:
@@ -39,10 +51,30 @@ def exponents(pieces: list[Tensor]) -> Tensor | None:
     """Per row (leading dim), the exponent ``e`` with ``max |x| < 2^e`` over all ``pieces``, or
     ``None`` (no scaling) when every row is within ``2^{±k}`` (see :func:`_window`); one host
     read decides, and the scaling passes are skipped in the common case."""
-    amax = torch.stack([p.reshape(p.shape[0], -1).abs().amax(dim=1) for p in pieces]).amax(0)
-    amax = torch.where(torch.isfinite(amax) & (amax > 0), amax, torch.ones_like(amax))
-    exps = torch.frexp(amax).exponent
-    return exps if bool((exps.abs() > _window(pieces[0].dtype)).any()) else None
+    return exponents_each([pieces])[0]
+
+
+def exponents_each(groups: list[list[Tensor]]) -> list[Tensor | None]:
+    """:func:`exponents` of each group of pieces, decided by one host read for all groups (the
+    groups of one dtype and row count; others are decided apart)."""
+    if not groups:
+        return []
+    rows = [
+        torch.stack([_row_amax(p) for p in g]).amax(0) if len(g) > 1 else _row_amax(g[0])
+        for g in groups
+    ]
+    if len({(r.shape, r.dtype) for r in rows}) > 1:
+        return [exponents_each([g])[0] for g in groups]
+    amax = torch.stack(rows)
+    # 1 for the rows that are zero, NaN or inf (NaN compares false)
+    exps = torch.frexp(torch.where((amax > 0) & (amax < math.inf), amax, 1.0)).exponent
+    needs = (exps.abs() > _window(rows[0].dtype)).any(dim=1).tolist()
+    return [e if need else None for e, need in zip(exps, needs, strict=True)]
+
+
+def _row_amax(piece: Tensor) -> Tensor:
+    rows = piece if piece.ndim == 2 else piece.reshape(piece.shape[0], -1)
+    return rows.abs().amax(dim=1)
 
 
 def add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
@@ -73,17 +105,45 @@ def unscale_gramian(block: Tensor, exps: Tensor | None) -> Tensor:
     return block.to(torch.float64) * torch.outer(scale, scale)
 
 
+@contextlib.contextmanager
+def shared_coefficients() -> Iterator[None]:
+    """Within the block, :func:`coefficients` of exponent-free rows are formed once per weights
+    tensor and dtype: the layers of one step share one host read (the engines hold the weights
+    unchanged while they form the updates)."""
+    token = _SHARED.set({})
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
+
+
+_SHARED: contextvars.ContextVar[dict[Any, Any] | None] = contextvars.ContextVar(
+    "jdoptim_shared_coefficients", default=None
+)
+
+
 def coefficients(
     weights: Tensor, exps: Tensor | None, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor | None]:
     """``c`` in ``dtype`` and ``E`` with ``Σ_i w_i x_i = 2^E Σ_i c_i x̂_i`` (``E = None``: 0).
 
     The float64 coefficients ``w_i 2^{e_i}`` are used as they are when they fit ``dtype``
-    comfortably (one host read decides); otherwise they are brought to ``|c_i| <= 1``.
+    comfortably (one host read decides); otherwise they are brought to ``|c_i| <= 1``. Within
+    :func:`shared_coefficients`, the answer without ``exps`` is formed once.
     """
-    full = weights.to(torch.float64)
     if exps is not None:
-        full = torch.ldexp(full, exps.to(torch.float64))
+        full = torch.ldexp(as_dtype(weights, torch.float64), exps.to(torch.float64))
+        return _coefficients(full, dtype)
+    shared = _SHARED.get()
+    if shared is None:
+        return _coefficients(as_dtype(weights, torch.float64), dtype)
+    key = (id(weights), dtype)  # the entry holds the tensor: its id is not reused meanwhile
+    if key not in shared:
+        shared[key] = (weights, _coefficients(as_dtype(weights, torch.float64), dtype))
+    return shared[key][1]
+
+
+def _coefficients(full: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
     top = full.abs().amax()
     window = 2.0 ** _window(dtype)
     if 1 / window <= float(top) <= window:
@@ -118,7 +178,7 @@ class ScaledRows:
     def __init__(self, rows: Tensor, *, prescaled: bool = False, exps: Tensor | None = None):
         """``rows`` ``[m, ...]``; ``prescaled``: already scaled by ``2^{-exps}``."""
         rows = rows.reshape(rows.shape[0], -1)
-        rows = rows.to(compute_dtype(rows.dtype))
+        rows = as_dtype(rows, compute_dtype(rows.dtype))
         if not prescaled:
             exps = exponents([rows])
             rows = scale_rows(rows, exps)
