@@ -142,6 +142,7 @@ def test_per_sample_step(benchmark, method, model_name, batch):
         opt = JacobianOptimizer(torch.optim.SGD(model.parameters(), lr=LR), aggregator, batch_dim=0)
 
         def step() -> None:
+            opt.zero_grad()  # as the plain step does (the optimizer adds to .grad otherwise)
             opt.step(lambda: F.cross_entropy(model(x), y, reduction="none"))
 
     run_step(benchmark, step)
@@ -189,6 +190,7 @@ def test_multi_task_step(benchmark, method, tasks):
         )
 
         def step() -> None:
+            opt.zero_grad()
             opt.step(lambda: ((model(x) - y) ** 2).mean(dim=0))
 
     run_step(benchmark, step)
@@ -237,4 +239,9 @@ def test_sample_mixing_check(benchmark, every):
     opt = JacobianOptimizer(
         torch.optim.SGD(model.parameters(), lr=LR), Mean(), batch_dim=0, mixing_check_every=every
     )
-    run_step(benchmark, lambda: opt.step(lambda: F.cross_entropy(model(x), y, reduction="none")))
+
+    def step() -> None:
+        opt.zero_grad()
+        opt.step(lambda: F.cross_entropy(model(x), y, reduction="none"))
+
+    run_step(benchmark, step)
