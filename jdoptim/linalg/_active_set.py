@@ -37,7 +37,12 @@ larger than the rank of ``Ĝ`` (``m`` rows of rank ``r``: about ``r`` steps of `
 ``<= r``). Problems its point does not already certify are polished by pivoting from there, each
 face system solved as a proximal step ``(Ĝ_FF + δI) Δ = residual`` from the current point
 (``δ = 1e-10``; iterated Tikhonov: exact in a step or two where ``Ĝ_FF`` is regular; in its null
-directions ``y`` stays where it is, which keeps the weights small).
+directions ``y`` stays where it is, which keeps the weights small). Near full rank (the
+Cholesky factorisation of ``Ĝ`` succeeds, or fails beyond its first ``m/2`` rows: a few more
+losses than parameters) those proximal pivoting steps run first, from the FISTA start, and
+Lawson & Hanson only takes what they leave uncertified: it would add the ~``|F|`` free rows of
+each problem one by one (300 rows of rank 280: 26 s, 1.1 s now; 1024 of rank 1000: over
+10 minutes, 55 s now).
 
 **Certificate.** A problem is done when its point satisfies the KKT conditions of the
 *unregularised* problem: signs within ``tol = 1e-12 · ‖p‖ + 2r · eps · ‖y‖₁`` (``‖p‖ = √(yᵀĜy)``,
@@ -99,9 +104,21 @@ def _solve_scaled(
         return _pivoting(
             g, u, u.clone(), start, inverse if compact else None, 0.0, eta, max_iter, compact
         )
-    # Nearly singular: Lawson & Hanson on the slightly regularised problem finds the active
-    # sets, block pivoting (from there) makes the answer exact on the unregularised one.
-    y, certified = _lawson_hanson(g, u, eps_in)
+    # Nearly singular. Near full rank (a batch of 300 samples of a model of 280 parameters:
+    # the Cholesky factorisation fails late, or succeeds on an ill-conditioned matrix),
+    # Lawson & Hanson adds the many free rows one by one: proximal pivoting from the FISTA
+    # start certifies first (300 x 280: 1.1 s against 26 s; 1024 x 1000: 55 s against more
+    # than 10 min; one core). At low rank its blocks are far larger than the rank, and Lawson &
+    # Hanson on the slightly regularised problem finds the active sets (256 x 8: 0.04 s against
+    # 0.45 s), then block pivoting from there makes the answer exact on the unregularised one.
+    y, certified = u.clone(), torch.zeros(u.shape[0], dtype=torch.bool, device=u.device)
+    if int(info) == 0 or int(info) - 1 > r // 2:  # the leading info - 1 rows: independent
+        start = _starting_free_set(g, u)
+        y, certified = _pivoting(g, u, y, start, None, floor, eta, max_iter, compact)
+        if bool(certified.all()):
+            return y, certified
+    rest = (~certified).nonzero().squeeze(1)
+    y[rest], certified[rest] = _lawson_hanson(g, u[rest], eps_in)
     if bool(certified.all()):
         return y, certified
     rest = (~certified).nonzero().squeeze(1)
