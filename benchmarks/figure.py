@@ -4,7 +4,7 @@ Usage::
 
     python -m pytest benchmarks/test_step_grid.py -k per_sample_step --benchmark-only \\
         --benchmark-json=grid.json
-    python benchmarks/figure.py grid.json docs/_static/per_sample_ratio.png
+    python benchmarks/figure.py grid.json docs/images/per_sample_ratio.png
 
 It prints the ratios as a markdown table and draws them. Every ratio is the median step time
 over the median plain step of the same model and batch size, from the same run (needs
