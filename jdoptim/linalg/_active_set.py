@@ -98,24 +98,22 @@ def _solve_scaled(
     inverse = torch.cholesky_inverse(factor) if int(info) == 0 else None
     # Well conditioned (every eigenvalue above about 1e-6, 1e4 · _DELTA): principal blocks are
     # positive definite, block pivoting is finite and exact without a shift. Otherwise it may
-    # cycle among equivalent active sets.
-    if inverse is not None and bool(inverse.diagonal().max() * _DELTA <= _CONDITION):
-        start = _starting_free_set(g, u)
-        return _pivoting(
-            g, u, u.clone(), start, inverse if compact else None, 0.0, eta, max_iter, compact
-        )
-    # Nearly singular. Near full rank (a batch of 300 samples of a model of 280 parameters:
-    # the Cholesky factorisation fails late, or succeeds on an ill-conditioned matrix),
-    # Lawson & Hanson adds the many free rows one by one: proximal pivoting from the FISTA
-    # start certifies first (300 x 280: 1.1 s against 26 s; 1024 x 1000: 55 s against more
-    # than 10 min; one core). At low rank its blocks are far larger than the rank, and Lawson &
-    # Hanson on the slightly regularised problem finds the active sets (256 x 8: 0.04 s against
+    # cycle among equivalent active sets: each face system is then a proximal step.
+    well = inverse is not None and bool(inverse.diagonal().max() * _DELTA <= _CONDITION)
+    # Nearly singular but near full rank (a batch of 300 samples of a model of 280 parameters:
+    # the Cholesky factorisation fails late, or succeeds on an ill-conditioned matrix): Lawson &
+    # Hanson would add the many free rows one by one, so proximal pivoting from the FISTA start
+    # certifies first (300 x 280: 1.1 s against 26 s; 1024 x 1000: 55 s against more than
+    # 10 min; one core). At low rank its blocks are far larger than the rank, and Lawson & Hanson
+    # on the slightly regularised problem finds the active sets (256 x 8: 0.04 s against
     # 0.45 s), then block pivoting from there makes the answer exact on the unregularised one.
     y, certified = u.clone(), torch.zeros(u.shape[0], dtype=torch.bool, device=u.device)
     if int(info) == 0 or int(info) - 1 > r // 2:  # the leading info - 1 rows: independent
+        fixed_set_form = inverse if well and compact else None
+        shift = 0.0 if well else floor
         start = _starting_free_set(g, u)
-        y, certified = _pivoting(g, u, y, start, None, floor, eta, max_iter, compact)
-        if bool(certified.all()):
+        y, certified = _pivoting(g, u, y, start, fixed_set_form, shift, eta, max_iter, compact)
+        if well or bool(certified.all()):
             return y, certified
     rest = (~certified).nonzero().squeeze(1)
     y[rest], certified[rest] = _lawson_hanson(g, u[rest], eps_in)
