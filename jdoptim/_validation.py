@@ -48,7 +48,7 @@ def as_loss_vector(losses: object, *, check_finite: bool = True) -> Tensor:
             "the losses do not require grad: were they computed under torch.no_grad(), "
             "detached, or from parameters with requires_grad=False?"
         )
-    if check_finite and not bool(torch.isfinite(vector.detach()).all()):  # one host read
+    if check_finite and not all_finite([vector.detach()]):
         bad = (~torch.isfinite(vector.detach())).nonzero().flatten()
         raise ValueError(
             f"the losses contain NaN or inf at indices {bad.tolist()[:10]}: "

@@ -364,7 +364,7 @@ def test_a_failed_load_state_dict_leaves_the_optimizer_and_aggregator_unchanged(
 
 def test_the_finiteness_check_is_not_fooled_by_a_sum_that_overflows():
     """The one-read check sums each tensor; a finite tensor whose sum overflows is still finite."""
-    from jdoptim._validation import all_finite
+    from jdoptim.linalg._finite import all_finite
 
     big = torch.full((4,), 3e38)  # finite float32 entries; their sum is inf
     assert bool(torch.isinf(big.sum()))

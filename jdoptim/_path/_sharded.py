@@ -28,9 +28,10 @@ from jdoptim._fsdp import as_shard, local, shard_sizes
 from jdoptim._path._collect import JacobianPart, Mode
 from jdoptim._path._combine import Failure, JacobianParts, Updates, filled
 from jdoptim._path._weigh import Weigh
-from jdoptim._validation import NonFiniteError, all_finite
+from jdoptim._validation import NonFiniteError
 from jdoptim.aggregation import GramianWeightedAggregator, TrimmedMean
 from jdoptim.engine._reduce import gramian, total, weighted_blocks
+from jdoptim.linalg._finite import all_finite
 
 COLUMN_WISE = (TrimmedMean,)  # aggregators whose update column k depends on column k of J only
 

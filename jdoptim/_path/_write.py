@@ -8,8 +8,9 @@ import torch
 from torch import Tensor
 
 from jdoptim._fsdp import local
-from jdoptim._validation import NonFiniteError, all_finite
+from jdoptim._validation import NonFiniteError
 from jdoptim.engine._scaled import as_dtype
+from jdoptim.linalg._finite import all_finite
 
 
 def check_finite_updates(params: Sequence[Tensor], updates: Sequence[Tensor | None]) -> None:

@@ -30,7 +30,7 @@ from jdoptim.engine._jacobian import JacobianEngine
 from jdoptim.engine._layer_rules import covered, exponent_groups, rule_for
 from jdoptim.engine._mixing import check_per_sample, mixes_samples, mixing_error
 from jdoptim.engine._recording import HookedEngine, Record, Recorder
-from jdoptim.engine._scaled import compute_dtype, exponents_each
+from jdoptim.engine._scaled import as_dtype, compute_dtype, exponents_each
 
 
 def _recorded(module: nn.Module) -> bool:
@@ -229,9 +229,8 @@ def _module_parts(
         if g is None:  # an output that the losses reach with a zero gradient
             g = torch.zeros(record.shape, device=record.input.device)
         x = record.input
-        x = x.to(dtype) if x.is_floating_point() and x.dtype != dtype else x
-        g = g if g.dtype == dtype else g.to(dtype)
-        g = g if unscale == 1.0 else g / unscale
+        x = as_dtype(x, dtype) if x.is_floating_point() else x
+        g = as_dtype(g, dtype) if unscale == 1.0 else as_dtype(g, dtype) / unscale
         pairs.setdefault(module, []).append((x, g, *record.context))
     parts = []
     with torch.no_grad():
